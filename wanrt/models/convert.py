@@ -147,15 +147,18 @@ def t5_official_to_hf(key: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # CLIP (official open-clip visual tower -> transformers CLIPVisionModel)
 
-# Official keys the image encoder never uses: the text tower, the contrastive head, the last block
-# (features come from the second-to-last layer) and the post-norm.
-CLIP_UNUSED_PREFIXES = ("textual.", "log_scale", "visual.head", "visual.post_norm.")
+# Official keys the image encoder never uses: the text tower and the contrastive head. (The last block
+# is skipped by depth in clip_official_to_hf: features come from the second-to-last layer.)
+CLIP_UNUSED_PREFIXES = ("textual.", "log_scale", "visual.head")
 
 
 def clip_official_to_hf(sd: dict[str, torch.Tensor], num_layers_used: int) -> dict[str, torch.Tensor]:
-    """Map official `visual.*` tensors to CLIPVisionModel keys for the first `num_layers_used` layers."""
+    """Map official `visual.*` tensors to CLIPVisionModel keys for the first `num_layers_used` layers.
+
+    Keys are written without the `vision_model.` prefix that transformers 4 used (see `strip_clip_prefix`).
+    """
     out: dict[str, torch.Tensor] = {}
-    p = "vision_model."
+    p = ""
     for key, t in sd.items():
         if key.startswith(CLIP_UNUSED_PREFIXES):
             continue
@@ -167,6 +170,8 @@ def clip_official_to_hf(sd: dict[str, torch.Tensor], num_layers_used: int) -> di
             out[p + "embeddings.position_embedding.weight"] = t.reshape(t.shape[-2], t.shape[-1])
         elif key.startswith("visual.pre_norm."):
             out[p + "pre_layrnorm." + key.split(".")[-1]] = t
+        elif key.startswith("visual.post_norm."):  # transformers' pooled-output norm; unused by us
+            out[p + "post_layernorm." + key.split(".")[-1]] = t
         else:
             m = re.match(r"^visual\.transformer\.(\d+)\.(.+)$", key)
             if not m:
@@ -193,7 +198,7 @@ def clip_official_to_hf(sd: dict[str, torch.Tensor], num_layers_used: int) -> di
 def clip_hf_to_official(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """Inverse of clip_official_to_hf for a full-depth tower (used to write tiny official checkpoints)."""
     out: dict[str, torch.Tensor] = {}
-    p = "vision_model."
+    p = ""
     out["visual.patch_embedding.weight"] = sd[p + "embeddings.patch_embedding.weight"]
     out["visual.cls_embedding"] = sd[p + "embeddings.class_embedding"].reshape(1, 1, -1)
     pos = sd[p + "embeddings.position_embedding.weight"]
@@ -210,6 +215,11 @@ def clip_hf_to_official(sd: dict[str, torch.Tensor], num_layers: int) -> dict[st
                                  ("norm2", "layer_norm2"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):
                 out[f"visual.transformer.{i}.{ours}.{kind}"] = sd[f"{lp}{theirs}.{kind}"]
     return out
+
+
+def strip_clip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 4 nested CLIPVisionModel weights under `vision_model.`; 5 does not. Accept both."""
+    return {k.removeprefix("vision_model."): v for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -308,9 +308,21 @@ class WanDiT(nn.Module):
 FP32_MODULES = ("time_embedding", "time_projection", "head")
 
 
-def to_precision(model: WanDiT, dtype: torch.dtype) -> WanDiT:
-    """The official precision map: matmul weights in `dtype`, fp32 islands and norms in fp32."""
+def precision_map(model: WanDiT, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """dtype of every state_dict entry under the official precision map: matmul weights (every Linear
+    and the patch Conv3d outside the fp32 islands) in `dtype`; islands, norms and modulation in fp32."""
+    low = set()
     for name, module in model.named_modules():
         if isinstance(module, (Linear, Conv3d)) and not name.startswith(FP32_MODULES):
-            module.to(dtype)
+            low.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    return {k: (dtype if k in low else torch.float32) for k in model.state_dict()}
+
+
+def to_precision(model: WanDiT, dtype: torch.dtype) -> WanDiT:
+    """Cast a loaded model in place to the official precision map (see precision_map)."""
+    dtypes = precision_map(model, dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
     return model

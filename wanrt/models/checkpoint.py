@@ -1,0 +1,195 @@
+"""Reading weight files safely, lazily and loudly.
+
+safetensors (single file or shards + `*.index.json`) and `.pth`/`.bin` (torch.load with
+`weights_only=True` and mmap) are opened as a lazy `Weights` view: names and shapes come from the
+headers, a tensor is read only when it is loaded, cast to its final dtype and device at once, so a
+14B load never holds two copies of the model. Every failure is a `CheckpointError` that names the
+file and the keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(Exception):
+    """A checkpoint file or folder is missing, unreadable or does not match the model."""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file {path}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shape: tuple[int, ...]
+    file: Path
+    read: Callable[[], torch.Tensor]
+
+
+class Weights:
+    """A read-only, lazy name -> tensor view over one or more weight files."""
+
+    def __init__(self, entries: dict[str, _Entry], source: str):
+        self._entries = entries
+        self.source = source
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].shape
+
+    def file(self, key: str) -> Path:
+        return self._entries[key].file
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        try:
+            return entry.read()
+        except Exception as e:  # noqa: BLE001 - any failure while reading bytes means a bad file
+            raise CheckpointError(f"cannot read tensor {key!r} from {entry.file}: {e}") from None
+
+    def renamed(self, fn: Callable[[str], str]) -> Weights:
+        """View with every key renamed by `fn` (a KeyError from fn names an unknown checkpoint key)."""
+        out: dict[str, _Entry] = {}
+        for k, e in self._entries.items():
+            try:
+                nk = fn(k)
+            except KeyError:
+                raise CheckpointError(f"{e.file}: unexpected key {k!r} for this model") from None
+            if nk in out:
+                raise CheckpointError(f"{e.file}: keys map twice onto {nk!r}")
+            out[nk] = e
+        return Weights(out, self.source)
+
+    def subset(self, keep: Callable[[str], bool]) -> Weights:
+        return Weights({k: e for k, e in self._entries.items() if keep(k)}, self.source)
+
+    def count(self, prefix: str, depth: int = 1) -> int:
+        """Number of distinct integer indices at `prefix<i>.` (e.g. layers in `blocks.`)."""
+        idx = {k[len(prefix):].split(".")[0] for k in self._entries if k.startswith(prefix)}
+        return len({i for i in idx if i.isdigit()})
+
+
+def open_weights(path: Path) -> Weights:
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        index = read_json(path)
+        if "weight_map" not in index:
+            raise CheckpointError(f"{path} has no 'weight_map'")
+        shards = sorted(set(index["weight_map"].values()))
+        missing = [s for s in shards if not (path.parent / s).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint shard(s) missing: {', '.join(missing)} (listed in {path}); "
+                                  "download every shard of the checkpoint")
+        entries: dict[str, _Entry] = {}
+        for shard in shards:
+            part = open_weights(path.parent / shard)
+            expected = {k for k, v in index["weight_map"].items() if v == shard}
+            if set(part.names()) != expected:
+                lost = sorted(expected - set(part.names()))[:5]
+                extra = sorted(set(part.names()) - expected)[:5]
+                raise CheckpointError(f"shard {path.parent / shard} does not match {path.name}: "
+                                      f"missing {lost}, unexpected {extra}")
+            entries.update(part._entries)
+        return Weights(entries, str(path))
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupted file?)") from None
+        return Weights({k: _Entry(shapes[k], path, lambda k=k: handle.get_tensor(k)) for k in keys}, str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} "
+                              "(truncated, corrupted, or not a plain tensor state_dict?)") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state_dict of tensors")
+    return Weights({k: _Entry(tuple(v.shape), path, lambda v=v: v) for k, v in obj.items()}, str(path))
+
+
+def find_weights(folder: Path, stems: Iterable[str]) -> Path:
+    """The first of `stem.safetensors`, its sharded index, `stem.bin`, `stem.pth` that exists."""
+    tried = []
+    for stem in stems:
+        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin", f"{stem}.pth"):
+            if (folder / name).is_file():
+                return folder / name
+            tried.append(name)
+    raise CheckpointError(f"no weights in {folder} (looked for {', '.join(tried)})")
+
+
+def load_module(module: torch.nn.Module, weights: Weights | dict[str, torch.Tensor],
+                dtypes: dict[str, torch.dtype] | torch.dtype, device: torch.device | str = "cpu",
+                source: str | None = None) -> torch.nn.Module:
+    """Fill a meta-device module from `weights`: exact key set and shapes checked first, then each
+    tensor is read, cast and moved once, and assigned (no second copy of the model)."""
+    if isinstance(weights, dict):
+        weights = Weights({k: _Entry(tuple(v.shape), Path(source or "<memory>"), lambda v=v: v)
+                           for k, v in weights.items()}, source or "<memory>")
+    source = source or weights.source
+    expected = module.state_dict(keep_vars=True)
+    # Tied parameters (e.g. T5's shared / embed_tokens) appear under several names; a checkpoint may
+    # store any one of them. Read one, assign it to all.
+    ties: dict[int, list[str]] = {}
+    for k, v in expected.items():
+        ties.setdefault(id(v), []).append(k)
+    alias = {}
+    for names in ties.values():
+        present = [n for n in names if n in weights]
+        for n in names:
+            if n not in weights and present:
+                alias[n] = present[0]
+    missing = sorted(set(expected) - set(weights.names()) - set(alias))
+    unexpected = sorted(set(weights.names()) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) {missing[:6]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) {unexpected[:6]}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    for k, ref in expected.items():
+        if k in alias:
+            continue
+        if weights.shape(k) != tuple(ref.shape):
+            raise CheckpointError(f"{weights.file(k)}: tensor {k!r} has shape {weights.shape(k)}, "
+                                  f"the model expects {tuple(ref.shape)}")
+    if isinstance(dtypes, torch.dtype):
+        dtypes = dict.fromkeys(expected, dtypes)
+    sd = {}
+    for k in expected:
+        if k in alias:
+            continue
+        t = weights.read(k)
+        if not t.is_floating_point():
+            raise CheckpointError(f"{weights.file(k)}: tensor {k!r} has dtype {t.dtype}, "
+                                  "expected a floating-point weight")
+        sd[k] = t.to(device=device, dtype=dtypes[k])
+    for k, src in alias.items():
+        sd[k] = sd[src]
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module

@@ -1,0 +1,63 @@
+"""The CLIP ViT-H/14 image tower as `transformers.CLIPVisionModel`, with the official preprocessing.
+
+The official code (wan/modules/clip.py, open-clip xlm-roberta-large ViT-H/14) runs the first 31 of
+32 pre-LN blocks and returns their output (no post-norm, no head); that equals transformers'
+`hidden_states[-2]`. We build the tower one layer short, so the unused last block is never loaded.
+Official `visual.*` keys load through `convert.clip_official_to_hf`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from .config import CLIPConfig
+
+
+def hf_config(cfg: CLIPConfig, num_layers: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=cfg.dim, intermediate_size=cfg.dim * cfg.mlp_ratio, num_hidden_layers=num_layers,
+        num_attention_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        hidden_act="gelu", layer_norm_eps=cfg.eps, num_channels=3,
+    )
+
+
+class CLIPImageEncoder(nn.Module):
+    """forward(pixels (N, 3, S, S) normalised) -> (N, tokens, dim); `encode(frames in [-1, 1])`."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_layers_used = cfg.num_layers - 1  # features of the second-to-last layer
+        self.model = CLIPVisionModel(hf_config(cfg, self.num_layers_used))
+        self.register_buffer("mean", torch.empty(0), persistent=False)
+        self.register_buffer("std", torch.empty(0), persistent=False)
+        if self.model.embeddings.patch_embedding.weight.device.type != "meta":
+            self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Derived tensors that are not weights (also transformers' position_ids after a meta load)."""
+        device = self.model.embeddings.patch_embedding.weight.device
+        emb = self.model.embeddings
+        emb.position_ids = torch.arange(emb.num_positions, device=device).expand((1, -1))
+        self.mean = torch.tensor(self.cfg.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.cfg.std, device=device).view(1, 3, 1, 1)
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (N, 3, H, W) in [-1, 1], any size -> (N, 3, S, S) CLIP-normalised, fp32.
+
+        Official: squash (no crop) with torch bicubic, no antialias, then [-1,1] -> [0,1] -> mean/std.
+        """
+        size = (self.cfg.image_size, self.cfg.image_size)
+        x = F.interpolate(frames.float(), size=size, mode="bicubic", align_corners=False)
+        return (x * 0.5 + 0.5 - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.embeddings.patch_embedding.weight.dtype
+        return self.model(pixel_values=pixels.to(dtype)).last_hidden_state
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self(self.preprocess(frames))
