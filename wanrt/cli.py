@@ -1,0 +1,180 @@
+"""`wanrt` command line: parse, call the Python API, print. No model work happens here.
+
+Errors are one line on stderr (`error: ...`) with a non-zero exit; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="wanrt: ahead-of-time compiled inference for Wan2.1 FLF2V-14B.")
+
+OFFICIAL_SIZES = ("1280*720", "720*1280", "832*480", "480*832")
+TASKS = ("flf2v-14B",)
+
+
+class CLIError(Exception):
+    """A usage problem found by the CLI itself."""
+
+
+def _fail(e: BaseException, debug: bool) -> None:
+    if debug:
+        raise e
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from wanrt.models.checkpoint import CheckpointError
+    from wanrt.video import MediaError
+
+    return (CLIError, CheckpointError, MediaError, ValueError, FileNotFoundError, PermissionError, RuntimeError)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'W*H' -> (W, H); both positive multiples of 16."""
+    try:
+        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise CLIError(f"--size must look like W*H (e.g. 1280*720), got {size!r}") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise CLIError(f"--size {size}: width and height must be positive multiples of 16 (e.g. 1280*720)")
+    return w, h
+
+
+def parse_dtype(name: str):
+    import torch
+
+    table = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise CLIError(f"--dtype must be one of auto, fp32, bf16, fp16; got {name!r}")
+    return table[name]
+
+
+def _check_fits_rope(first, area: int) -> None:
+    """The output size follows the first frame's aspect ratio; refuse one the RoPE table cannot cover."""
+    from wanrt.models.config import DiTConfig
+    from wanrt.pipeline import target_size
+    from wanrt.video import load_image
+
+    img = load_image(first)
+    lat_h, lat_w = target_size(img.shape[1], img.shape[2], area)
+    limit = DiTConfig().rope_max_len
+    if max(lat_h, lat_w) // 2 > limit:
+        raise CLIError(f"--size area {area} gives a {lat_w * 8}x{lat_h * 8} video for this first frame, larger than "
+                       f"the model's RoPE table allows ({limit * 16} px per side)")
+
+
+_UNUSED_OFFICIAL_FLAGS = {
+    "offload_model": "wanrt keeps models resident; see the runtime's memory policy",
+    "t5_cpu": "use the runtime's memory policy instead",
+    "t5_fsdp": "use torchrun with --tp_size",
+    "dit_fsdp": "use torchrun with --ulysses_size/--tp_size",
+    "ring_size": "ring attention is not implemented; use --ulysses_size",
+    "use_prompt_extend": "prompt extension is not part of wanrt",
+}
+
+
+@app.command(help="Generate a video from a first frame, a last frame and a prompt (official generate.py flags). "
+                  f"Official sizes: {', '.join(OFFICIAL_SIZES)}; any W*H with both sides multiples of 16 works "
+                  "(it sets the pixel area; the aspect ratio follows the first frame).")
+def generate(
+    task: Annotated[str, typer.Option("--task", help="Only flf2v-14B.")] = "flf2v-14B",
+    size: Annotated[str, typer.Option("--size", help="Output area as W*H, e.g. 1280*720.")] = "1280*720",
+    ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir",
+                                                 help="Checkpoint folder (official or diffusers) or 'tiny'.")] = None,
+    first_frame: Annotated[str | None, typer.Option("--first_frame", "--first-frame")] = None,
+    last_frame: Annotated[str | None, typer.Option("--last_frame", "--last-frame")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative_prompt", "--negative-prompt",
+                                                        help="Default: the official FLF2V negative prompt.")] = None,
+    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num", help="4n+1 frames.")] = 81,
+    sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps")] = 50,
+    sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift")] = 16.0,
+    sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale")] = 5.0,
+    sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver", help="unipc or dpm++.")] = "unipc",
+    base_seed: Annotated[int, typer.Option("--base_seed", "--base-seed", help="-1: random.")] = -1,
+    save_file: Annotated[str | None, typer.Option("--save_file", "--save-file")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 map on CUDA, fp32 on CPU), fp32, bf16.")] = "auto",
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    # official flags that wanrt accepts and ignores (with a note)
+    offload_model: Annotated[str | None, typer.Option("--offload_model", "--offload-model", hidden=True)] = None,
+    t5_cpu: Annotated[bool, typer.Option("--t5_cpu", "--t5-cpu", hidden=True)] = False,
+    t5_fsdp: Annotated[bool, typer.Option("--t5_fsdp", "--t5-fsdp", hidden=True)] = False,
+    dit_fsdp: Annotated[bool, typer.Option("--dit_fsdp", "--dit-fsdp", hidden=True)] = False,
+    ring_size: Annotated[int, typer.Option("--ring_size", "--ring-size", hidden=True)] = 1,
+    use_prompt_extend: Annotated[bool, typer.Option("--use_prompt_extend", "--use-prompt-extend", hidden=True)] = False,
+    prompt_extend_method: Annotated[str | None, typer.Option("--prompt_extend_method", hidden=True)] = None,
+    prompt_extend_model: Annotated[str | None, typer.Option("--prompt_extend_model", hidden=True)] = None,
+    prompt_extend_target_lang: Annotated[str | None, typer.Option("--prompt_extend_target_lang", hidden=True)] = None,
+) -> None:
+    try:
+        import random
+
+        from wanrt.pipeline import FLF2VPipeline, validate
+        from wanrt.video import check_writable, load_image
+
+        if task not in TASKS:
+            raise CLIError(f"unknown task {task!r}: wanrt runs {', '.join(TASKS)}")
+        given = {"offload_model": offload_model is not None, "t5_cpu": t5_cpu, "t5_fsdp": t5_fsdp,
+                 "dit_fsdp": dit_fsdp, "ring_size": ring_size != 1, "use_prompt_extend": use_prompt_extend}
+        for flag, why in _UNUSED_OFFICIAL_FLAGS.items():
+            if given[flag]:
+                typer.echo(f"note: --{flag} is accepted for compatibility and ignored ({why})", err=True)
+        w, h = parse_size(size)
+        validate(None, frame_num, sample_steps, sample_guide_scale, w * h, sample_solver)
+        if ckpt_dir is None:
+            raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
+        if (first_frame is None) != (last_frame is None):
+            raise CLIError("give both --first_frame and --last_frame (or neither, with --ckpt_dir tiny)")
+        if first_frame is None:
+            if not ckpt_dir.startswith("tiny"):
+                raise CLIError("--first_frame and --last_frame are required")
+            from wanrt.samples import SAMPLE_PROMPT, sample_frames
+
+            first, last = sample_frames()
+            prompt = prompt or SAMPLE_PROMPT
+        else:
+            first, last = load_image(first_frame), load_image(last_frame)  # fail before loading models
+        if prompt is None:
+            raise CLIError("--prompt is required")
+        _check_fits_rope(first, w * h)
+        seed = base_seed if base_seed >= 0 else random.randint(0, 2**63 - 1)
+        out = Path(save_file or f"flf2v-14B_{w}x{h}_{time.strftime('%Y%m%d_%H%M%S')}.mp4")
+        check_writable(out)
+        pipe = FLF2VPipeline.from_pretrained(ckpt_dir, device=device, dtype=parse_dtype(dtype))
+        video = pipe(first, last, prompt, negative_prompt=negative_prompt, max_area=w * h, frame_num=frame_num,
+                     sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
+                     sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty())
+        video.save(out)
+        t = video.timings
+        typer.echo(f"saved {out} ({video.frames.shape[0]} frames {video.frames.shape[2]}x{video.frames.shape[1]}, "
+                   f"seed {seed}) in {t['total']:.2f} s: text {t['text_encoder']:.2f} s, image "
+                   f"{t['image_encoder']:.2f} s, vae encode {t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
+                   f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
+    except _known_errors() as e:
+        _fail(e, debug)
+
+
+@app.command(help="Show which backends are usable on this machine, and why the others are not.")
+def doctor() -> None:
+    from wanrt.doctor import report
+
+    for line in report():
+        typer.echo(line)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

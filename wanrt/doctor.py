@@ -1,0 +1,81 @@
+"""`wanrt doctor`: which backends can run here, and why the others cannot. Imports nothing heavy eagerly."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import dataclass
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _version(module: str) -> tuple[object | None, str]:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure means "not usable", with its reason
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+    return mod, getattr(mod, "__version__", "?")
+
+
+def checks() -> list[Check]:
+    out: list[Check] = []
+    torch, v = _version("torch")
+    if torch is None:
+        return [Check("torch", False, v)]
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        dev = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name()} (sm{cap[0]}{cap[1]})"
+    else:
+        dev = "CPU only (no CUDA device)"
+    out.append(Check("eager (torch)", True, f"torch {v}; {dev}"))
+
+    ort, v = _version("onnxruntime")
+    if ort is None:
+        out.append(Check("onnxruntime", False, f"not importable ({v}); pip install 'wanrt[export]'"))
+    else:
+        providers = ", ".join(ort.get_available_providers())
+        out.append(Check("onnxruntime", True, f"onnxruntime {v}; providers: {providers}"))
+
+    onnx, v = _version("onnx")
+    out.append(Check("onnx export", onnx is not None, f"onnx {v}" if onnx else f"not importable ({v})"))
+
+    inductor, _ = _version("torch._inductor")
+    cc = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if inductor is None:
+        out.append(Check("aoti", False, "torch._inductor is not importable"))
+    elif not cc:
+        out.append(Check("aoti", False, "AOTInductor needs a C++ compiler (g++/clang++) on PATH"))
+    else:
+        where = "cuda and cpu" if torch.cuda.is_available() else "cpu (no CUDA device)"
+        out.append(Check("aoti", True, f"AOTInductor via {cc}; targets {where}"))
+
+    trt, v = _version("tensorrt")
+    if trt is None:
+        out.append(Check("tensorrt", False, f"not importable ({v}); install TensorRT >= 10.12 (pip 'wanrt[tensorrt]' "
+                                            "on a machine that can download NVIDIA's wheels)"))
+    elif not torch.cuda.is_available():
+        out.append(Check("tensorrt", False, f"tensorrt {v} imports but there is no CUDA device"))
+    else:
+        out.append(Check("tensorrt", True, f"tensorrt {v}"))
+
+    triton, v = _version("triton")
+    if triton is None:
+        out.append(Check("triton kernels", False, f"not importable ({v}); pip install triton"))
+    elif torch.cuda.is_available():
+        out.append(Check("triton kernels", True, f"triton {v} on CUDA"))
+    else:
+        out.append(Check("triton kernels", False, f"triton {v} imports, but kernels need a GPU "
+                                                  "(TRITON_INTERPRET=1 runs them slowly on CPU, for tests)"))
+    return out
+
+
+def report() -> list[str]:
+    lines = []
+    for c in checks():
+        lines.append(f"{'ok  ' if c.ok else 'no  '} {c.name:<16} {c.detail}")
+    return lines

@@ -1,0 +1,263 @@
+"""FLF2VPipeline: first frame + last frame + prompt -> video, the official procedure (spec section 6).
+
+preprocess (size rule, resize, mask) -> text / image encoders -> VAE encode of [first, zeros, last]
+-> denoising loop (one batch-2 DiT call per step for CFG) -> VAE decode. Every model call goes through
+the Backend seam (wanrt/runtime/backends.py); this file never knows which backend runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wanrt.models.config import FLF2V_NEG_PROMPT, WanConfig
+from wanrt.runtime.backends import Backends
+from wanrt.schedulers import make_scheduler
+from wanrt.video import load_image, to_uint8_frames, write_mp4
+
+FPS = 16
+
+
+class InputError(ValueError):
+    """A request parameter is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    fps: int = FPS
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    seed: int = 0
+
+    def save(self, path: str | Path) -> Path:
+        return write_mp4(self.frames, path, fps=self.fps)
+
+
+# --------------------------------------------------------------------------------- official helpers
+
+
+def target_size(height: int, width: int, max_area: int, vae_stride: int = 8, patch: int = 2) -> tuple[int, int]:
+    """Latent (lat_h, lat_w) from the first frame's aspect ratio and the area budget (official rule:
+    floor to multiples of vae_stride * patch pixels)."""
+    aspect = height / width
+    lat_h = round(np.sqrt(max_area * aspect) // vae_stride // patch * patch)
+    lat_w = round(np.sqrt(max_area / aspect) // vae_stride // patch * patch)
+    return lat_h, lat_w
+
+
+def official_center_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchvision's tensor center_crop((h, w)): zero-pads when the crop is larger, then crops."""
+    crop_h, crop_w = size
+    h, w = img.shape[-2:]
+    if crop_w > w or crop_h > h:
+        pad = [(crop_w - w) // 2 if crop_w > w else 0, (crop_w - w + 1) // 2 if crop_w > w else 0,
+               (crop_h - h) // 2 if crop_h > h else 0, (crop_h - h + 1) // 2 if crop_h > h else 0]
+        img = F.pad(img, pad, value=0.0)
+        h, w = img.shape[-2:]
+        if (crop_h, crop_w) == (h, w):
+            return img
+    top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
+    return img[..., top:top + crop_h, left:left + crop_w]
+
+
+def match_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The official handling of a last frame whose size differs from the first: scale factor from the
+    sizes, then a center crop whose (W, H) list is read as (h, w) -- no actual resize. Kept as is for
+    parity; feed same-size frames to avoid it."""
+    (fh, fw), (lh, lw) = first.shape[-2:], last.shape[-2:]
+    if (fh, fw) == (lh, lw):
+        return last
+    ratio = max(fw / lw, fh / lh)
+    size = [round(lw * ratio), round(lh * ratio)]  # (W, H) order, consumed as (h, w) below
+    return official_center_crop(last, (size[0], size[1]))
+
+
+def flf2v_mask(frame_num: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """(4, T_lat, lat_h, lat_w): 1 where a pixel frame is given (first and last). The official code
+    hard-codes 81 frames; this is the same construction for any frame_num = 4n + 1."""
+    msk = torch.ones(1, frame_num, lat_h, lat_w)
+    msk[:, 1:-1] = 0
+    msk = torch.cat([msk[:, 0:1].repeat_interleave(4, dim=1), msk[:, 1:]], dim=1)  # (1, F + 3, h, w)
+    return msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)[0]
+
+
+def conditioning_video(first: torch.Tensor, last: torch.Tensor, frame_num: int, height: int, width: int
+                       ) -> torch.Tensor:
+    """(1, 3, F, H, W): [first, zeros, last] with torch bicubic resizing (no antialias), on the CPU
+    in fp32 as the official code does."""
+    def resize(img):
+        return F.interpolate(img[None].float().cpu(), size=(height, width), mode="bicubic").transpose(0, 1)
+
+    zeros = torch.zeros(3, frame_num - 2, height, width)
+    return torch.cat([resize(first), zeros, resize(last)], dim=1)[None]
+
+
+def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_scale: float, max_area: int,
+             sample_solver: str) -> None:
+    """Request checks that need no model (cfg=None skips the model's RoPE limit)."""
+    if frame_num < 5 or (frame_num - 1) % 4:
+        raise InputError(f"frame_num must be 4n+1 and at least 5 (e.g. 81), got {frame_num}")
+    if sample_steps < 1:
+        raise InputError(f"sample_steps must be >= 1, got {sample_steps}")
+    if guide_scale < 0:
+        raise InputError(f"guide scale must be >= 0, got {guide_scale}")
+    if sample_solver not in ("unipc", "dpm++"):
+        raise InputError(f"sample_solver must be 'unipc' or 'dpm++', got {sample_solver!r}")
+    if max_area < 256:
+        raise InputError(f"max_area must be at least 16*16 pixels, got {max_area}")
+    t_lat = (frame_num - 1) // 4 + 1
+    if cfg is not None and t_lat > cfg.dit.rope_max_len:
+        raise InputError(f"frame_num {frame_num} exceeds the model's RoPE table ({cfg.dit.rope_max_len} latent frames)")
+
+
+# --------------------------------------------------------------------------------------- pipeline
+
+
+class FLF2VPipeline:
+    """Loads once, serves many requests. Build with `from_pretrained`."""
+
+    def __init__(self, backends: Backends, config: WanConfig, tokenizer, device: torch.device,
+                 text_cache_size: int = 16):
+        self.backends = backends
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache_size = text_cache_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> FLF2VPipeline:
+        """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
+        (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU."""
+        from wanrt.models.loading import load
+        from wanrt.runtime.backends import eager
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None)
+        return cls(eager(models), models.config, models.text_encoder.tokenizer, device)
+
+    # -- stages -------------------------------------------------------------------------------------
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), 512, text_dim); each distinct text is encoded once and kept in an LRU cache."""
+        from wanrt.models.t5 import clean_prompt
+
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            enc = self.tokenizer([clean_prompt(p) for p in missing], padding="max_length", truncation=True,
+                                 max_length=self.config.t5.text_len, add_special_tokens=True, return_tensors="pt")
+            out = self.backends.text_encoder(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+            for p, row in zip(missing, out):
+                self._text_cache[p] = row
+        for p in prompts:
+            self._text_cache.move_to_end(p)
+        while len(self._text_cache) > self._text_cache_size:
+            self._text_cache.popitem(last=False)
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def encode_image(self, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """CLIP tokens of both original-resolution frames -> (1, 2 * tokens, clip_dim)."""
+        c = self.config.clip
+        frames = [F.interpolate(f[None].float().to(self.device), size=(c.image_size, c.image_size),
+                                mode="bicubic", align_corners=False) for f in (first, last)]
+        x = torch.cat(frames)
+        mean = torch.tensor(c.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(c.std, device=self.device).view(1, 3, 1, 1)
+        feats = self.backends.image_encoder((x * 0.5 + 0.5 - mean) / std)  # (2, tokens, clip_dim)
+        return feats.reshape(1, -1, feats.shape[-1])
+
+    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(1, 3, F, H, W) -> normalised latent (1, 16, T_lat, H/8, W/8), chunked 1, 4, 4, ..."""
+        from wanrt.models.vae import encode_chunks
+
+        return encode_chunks(self.backends.vae.encode_chunk, video.to(self.device))
+
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        from wanrt.models.vae import decode_chunks
+
+        return decode_chunks(self.backends.vae.decode_chunk, z)
+
+    # -- request ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
+                 max_area: int = 1280 * 720, frame_num: int = 81, sample_steps: int = 50,
+                 sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
+                 seed: int = 0, progress: bool = True) -> Video:
+        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver)
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        first, last = load_image(first_frame), load_image(last_frame)
+        last = match_last_frame(first, last)
+        lat_h, lat_w = target_size(first.shape[1], first.shape[2], max_area)
+        if lat_h < 2 or lat_w < 2:
+            raise InputError(f"max_area {max_area} is too small for a {first.shape[2]}x{first.shape[1]} frame")
+        patch = self.config.dit.patch_size
+        if max(lat_h // patch[1], lat_w // patch[2]) > self.config.dit.rope_max_len:
+            raise InputError(f"size {lat_w * 8}x{lat_h * 8} exceeds the model's RoPE table "
+                             f"({self.config.dit.rope_max_len * 16} px per side)")
+        height, width = lat_h * 8, lat_w * 8
+        t_lat = (frame_num - 1) // 4 + 1
+
+        t0 = time.perf_counter()
+        neg = negative_prompt or FLF2V_NEG_PROMPT
+        context = self.encode_text([prompt, neg])  # (2, 512, text_dim): cond, uncond
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        clip_fea = self.encode_image(first, last)
+        timings["image_encoder"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        y = torch.cat([flf2v_mask(frame_num, lat_h, lat_w)[None].to(self.device),
+                       self.vae_encode(conditioning_video(first, last, frame_num, height, width))], dim=1)
+        timings["vae_encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn((16, t_lat, lat_h, lat_w), generator=gen, dtype=torch.float32, device=self.device)
+        latent = self.denoise(noise[None], context, clip_fea, y, sample_steps=sample_steps,
+                              sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
+                              progress=progress)
+        timings["denoise"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        video = self.vae_decode(latent)[0]  # (3, F, H, W)
+        timings["vae_decode"] = time.perf_counter() - t0
+        frames = to_uint8_frames(video)
+        timings["total"] = time.perf_counter() - t_start
+        return Video(frames=frames, fps=FPS, timings=timings, seed=seed)
+
+    def denoise(self, latent: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, *,
+                sample_steps: int, sample_shift: float, guide_scale: float, sample_solver: str,
+                progress: bool = False) -> torch.Tensor:
+        """The sampling loop: CFG as one batch-2 DiT call per step. latent (1, 16, T, h, w) fp32."""
+        from wanrt.runtime.step import CFGStep
+
+        scheduler = make_scheduler(sample_solver, sample_shift)
+        scheduler.set_timesteps(sample_steps, device=self.device)
+        step = CFGStep(self.backends.dit, context, clip_fea, y, guide_scale, scheduler, latent)
+        steps = range(len(scheduler.timesteps))
+        if progress:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task("denoising", total=len(steps))
+                for k in steps:
+                    step(k)
+                    bar.advance(task)
+        else:
+            for k in steps:
+                step(k)
+        return step.latent.clone()
+
+
