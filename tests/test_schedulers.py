@@ -7,12 +7,12 @@ Run with ``-s`` to see the measured errors.
 
 import pytest
 import torch
-from _vendor.wan_solvers.fm_solvers import (
+from tests._vendor.wan_solvers.fm_solvers import (
     FlowDPMSolverMultistepScheduler,
     get_sampling_sigmas,
     retrieve_timesteps,
 )
-from _vendor.wan_solvers.fm_solvers_unipc import FlowUniPCMultistepScheduler
+from tests._vendor.wan_solvers.fm_solvers_unipc import FlowUniPCMultistepScheduler
 
 from wanrt.schedulers import (
     NUM_COLUMNS,
