@@ -11,8 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    if not Path(ruff).exists():
+    ruff = Path(sys.executable).parent / "ruff"  # the one installed with the test extras
+    if not ruff.exists():
+        ruff = Path(shutil.which("ruff") or ruff)
+    if not ruff.exists():
         pytest.skip("ruff is not installed (pip install 'wanrt[test]')")
-    res = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True)
+    res = subprocess.run([str(ruff), "check", "--no-cache", str(ROOT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

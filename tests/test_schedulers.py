@@ -7,13 +7,13 @@ Run with ``-s`` to see the measured errors.
 
 import pytest
 import torch
+
 from tests._vendor.wan_solvers.fm_solvers import (
     FlowDPMSolverMultistepScheduler,
     get_sampling_sigmas,
     retrieve_timesteps,
 )
 from tests._vendor.wan_solvers.fm_solvers_unipc import FlowUniPCMultistepScheduler
-
 from wanrt.schedulers import (
     NUM_COLUMNS,
     FlowDPMSolverScheduler,

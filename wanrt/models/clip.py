@@ -34,8 +34,7 @@ class CLIPImageEncoder(nn.Module):
         self.model = CLIPVisionModel(hf_config(cfg, self.num_layers_used))
         self.register_buffer("mean", torch.empty(0), persistent=False)
         self.register_buffer("std", torch.empty(0), persistent=False)
-        if self.model.embeddings.patch_embedding.weight.device.type != "meta":
-            self.reset_buffers()
+        self.reset_buffers()  # on the meta device too: derived tables get their shapes
 
     def reset_buffers(self) -> None:
         """Derived tensors that are not weights (also transformers' position_ids after a meta load)."""

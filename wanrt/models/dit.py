@@ -224,8 +224,7 @@ class WanDiT(nn.Module):
         self.register_buffer("time_table", torch.empty(0), persistent=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        if self.patch_embedding.weight.device.type != "meta":
-            self.reset_buffers()
+        self.reset_buffers()  # on the meta device too: derived tables get their shapes
 
     def reset_buffers(self) -> None:
         """(Re)compute the derived tables on the weights' device. Called after a meta-device load."""

@@ -360,8 +360,7 @@ class WanVAE(nn.Module):
         # latent normalisation constants: config values, not checkpoint tensors
         self.register_buffer("mean", torch.empty(0), persistent=False)
         self.register_buffer("std", torch.empty(0), persistent=False)
-        if self.conv1.weight.device.type != "meta":
-            self.reset_buffers()
+        self.reset_buffers()  # on the meta device too: derived tables get their shapes
 
     def reset_buffers(self) -> None:
         """(Re)create the latent mean/std on the weights' device. Called after a meta-device load."""
