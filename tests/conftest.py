@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter. It must be set before triton is
+# first imported (triton.jit decides at decoration time); setdefault keeps an explicit choice.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests never write into the user's cache: the built-in `tiny` checkpoint goes to a session temp dir.
 os.environ.setdefault("WANRT_CACHE", os.path.join("/tmp", f"wanrt-test-cache-{os.getuid()}"))

@@ -36,13 +36,19 @@ class CLIPImageEncoder(nn.Module):
         self.register_buffer("std", torch.empty(0), persistent=False)
         self.reset_buffers()  # on the meta device too: derived tables get their shapes
 
+    def derived_buffers(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Non-weight tensors: CLIP mean/std and transformers' position_ids."""
+        n = self.model.embeddings.num_positions
+        return {"model.embeddings.position_ids": torch.arange(n, device=device).expand((1, -1)),
+                "mean": torch.tensor(self.cfg.mean, device=device).view(1, 3, 1, 1),
+                "std": torch.tensor(self.cfg.std, device=device).view(1, 3, 1, 1)}
+
     def reset_buffers(self) -> None:
-        """Derived tensors that are not weights (also transformers' position_ids after a meta load)."""
+        """Recompute the derived tensors on the weights' device (after a meta-device load)."""
         device = self.model.embeddings.patch_embedding.weight.device
-        emb = self.model.embeddings
-        emb.position_ids = torch.arange(emb.num_positions, device=device).expand((1, -1))
-        self.mean = torch.tensor(self.cfg.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.cfg.std, device=device).view(1, 3, 1, 1)
+        for name, value in self.derived_buffers(device).items():
+            owner, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(owner) if owner else self, attr, value)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (N, 3, H, W) in [-1, 1], any size -> (N, 3, S, S) CLIP-normalised, fp32.

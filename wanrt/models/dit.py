@@ -96,6 +96,23 @@ def rope_angles(max_len: int, head_dim: int, theta: float = 10000.0) -> torch.Te
     return torch.cat([axis(d - 4 * (d // 6)), axis(2 * (d // 6)), axis(2 * (d // 6))], dim=1)
 
 
+def rope_grid(cos_table: torch.Tensor, sin_table: torch.Tensor, cfg: DiTConfig, f: int, h: int, w: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cos, sin (f*h*w, head_dim/2) from the (max_len, head_dim/2) angle tables: the t, h and
+    w frequency blocks indexed by each token's grid position, tokens in (f, h, w) row-major order."""
+    ct, ch, cw = cfg.rope_split
+    if max(f, h, w) > cfg.rope_max_len:
+        raise ValueError(f"token grid {f}x{h}x{w} exceeds the RoPE table ({cfg.rope_max_len} per axis)")
+
+    def grid(table: torch.Tensor) -> torch.Tensor:
+        t = table[:f, :ct].view(f, 1, 1, ct).expand(f, h, w, ct)
+        hh = table[:h, ct:ct + ch].view(1, h, 1, ch).expand(f, h, w, ch)
+        ww = table[:w, ct + ch:ct + ch + cw].view(1, 1, w, cw).expand(f, h, w, cw)
+        return torch.cat([t, hh, ww], dim=-1).reshape(f * h * w, ct + ch + cw)
+
+    return grid(cos_table), grid(sin_table)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Blocks
 
@@ -226,31 +243,25 @@ class WanDiT(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()  # on the meta device too: derived tables get their shapes
 
+    def derived_buffers(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The non-checkpoint tables: float64-exact timestep sinusoids and the RoPE angle tables."""
+        cfg = self.cfg
+        with torch.device("cpu"):  # real values even when the module is being built on the meta device
+            table = sinusoidal_embedding(torch.arange(cfg.num_train_timesteps + 1), cfg.freq_dim).float()
+            angles = rope_angles(cfg.rope_max_len, cfg.head_dim)
+            cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+        return {"time_table": table.to(device), "rope_cos": cos.to(device), "rope_sin": sin.to(device)}
+
     def reset_buffers(self) -> None:
         """(Re)compute the derived tables on the weights' device. Called after a meta-device load."""
-        device = self.patch_embedding.weight.device
-        cfg = self.cfg
-        steps = torch.arange(cfg.num_train_timesteps + 1)
-        self.time_table = sinusoidal_embedding(steps, cfg.freq_dim).float().to(device)
-        angles = rope_angles(cfg.rope_max_len, cfg.head_dim)
-        self.rope_cos = torch.cos(angles).float().to(device)
-        self.rope_sin = torch.sin(angles).float().to(device)
+        for name, value in self.derived_buffers(self.patch_embedding.weight.device).items():
+            setattr(self, name, value)
 
     # -- pieces the runtime may hoist out of the step loop -------------------------------------------
 
     def rope(self, f: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (f*h*w, head_dim/2) for a token grid; tokens in (f, h, w) row-major order."""
-        ct, ch, cw = self.cfg.rope_split
-        if max(f, h, w) > self.cfg.rope_max_len:
-            raise ValueError(f"token grid {f}x{h}x{w} exceeds the RoPE table ({self.cfg.rope_max_len} per axis)")
-
-        def grid(table: torch.Tensor) -> torch.Tensor:
-            t = table[:f, :ct].view(f, 1, 1, ct).expand(f, h, w, ct)
-            hh = table[:h, ct:ct + ch].view(1, h, 1, ch).expand(f, h, w, ch)
-            ww = table[:w, ct + ch:ct + ch + cw].view(1, 1, w, cw).expand(f, h, w, cw)
-            return torch.cat([t, hh, ww], dim=-1).reshape(f * h * w, ct + ch + cw)
-
-        return grid(self.rope_cos), grid(self.rope_sin)
+        return rope_grid(self.rope_cos, self.rope_sin, self.cfg, f, h, w)
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B,) -> e (B, dim), e0 (B, 6, dim), fp32."""

@@ -362,12 +362,16 @@ class WanVAE(nn.Module):
         self.register_buffer("std", torch.empty(0), persistent=False)
         self.reset_buffers()  # on the meta device too: derived tables get their shapes
 
+    def derived_buffers(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Latent mean/std: config values, not checkpoint tensors."""
+        shape = (1, self.cfg.z_dim, 1, 1, 1)
+        return {"mean": torch.tensor(self.cfg.mean, dtype=torch.float32, device=device).view(shape),
+                "std": torch.tensor(self.cfg.std, dtype=torch.float32, device=device).view(shape)}
+
     def reset_buffers(self) -> None:
         """(Re)create the latent mean/std on the weights' device. Called after a meta-device load."""
-        device = self.conv1.weight.device
-        shape = (1, self.cfg.z_dim, 1, 1, 1)
-        self.mean = torch.tensor(self.cfg.mean, dtype=torch.float32, device=device).view(shape)
-        self.std = torch.tensor(self.cfg.std, dtype=torch.float32, device=device).view(shape)
+        for name, value in self.derived_buffers(self.conv1.weight.device).items():
+            setattr(self, name, value)
 
     # -- whole videos ----------------------------------------------------------------------------------
 

@@ -1,0 +1,130 @@
+"""Fused elementwise kernels of the DiT block, one program per token row, one read of the row.
+
+- norm_modulate: LayerNorm without affine (fp32 mean/variance), rounded to x's dtype as the official
+  `WanLayerNorm(x).type_as(x)` does, then y * (1 + scale) + shift in fp32.
+- qk_norm_rope: RMSNorm over the full hidden width (fp32 statistics, rounded to x's dtype) times the
+  weight (in the promoted dtype of x and weight, as torch does), then RoPE on adjacent channel pairs
+  (2k, 2k+1) with the angle of (token, k mod D/2); fp32 out, (B, L, C) == (B, L, H, D) contiguous.
+
+Both match `wanrt.kernels.fused`'s references including those intermediate roundings. The row is
+held in registers between the statistics and the output (C = 5120 -> 8192-wide block, 32 values per
+thread with 8 warps), so each input byte is read from memory once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import INTERPRET, Launch, direct, round_to
+
+# dtype codes for constexprs (plain ints keep Inductor's and the AOT compiler's signatures simple)
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def round_code(x, CODE: tl.constexpr, EMULATE: tl.constexpr):
+    if CODE == 1:
+        y = round_to(x, tl.float16, EMULATE)
+    elif CODE == 2:
+        y = round_to(x, tl.bfloat16, EMULATE)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr,
+                         L, C, sxb, sxl, ssb, scb,
+                         out_ptr,
+                         EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+    """grid (B * L,). x (B, L, C); shift, scale (B, 1, C) fp32 (batch stride 0 = broadcast) -> out fp32."""
+    row = tl.program_id(0)
+    b = (row // L).to(tl.int64)
+    t = (row % L).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < C
+    x_raw = tl.load(x_ptr + b * sxb + t * sxl + offs, mask=ok, other=0.0)
+    x = x_raw.to(tl.float32)
+    mean = tl.sum(x, 0) / C
+    xc = tl.where(ok, x - mean, 0.0)
+    var = tl.sum(xc * xc, 0) / C  # biased, as F.layer_norm
+    y = round_to(xc * tl.rsqrt(var + EPS), x_raw.dtype, EMULATE)  # .type_as(x)
+    sh = tl.load(shift_ptr + b * ssb + offs, mask=ok, other=0.0)
+    sc = tl.load(scale_ptr + b * scb + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + row.to(tl.int64) * C + offs, y * (1.0 + sc) + sh, mask=ok)
+
+
+@triton.jit
+def qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr,
+                        L, C, HALF_D, sxb, sxl, scl,
+                        out_ptr,
+                        EPS: tl.constexpr, BLOCK_P: tl.constexpr, PROD_CODE: tl.constexpr,
+                        EMULATE: tl.constexpr):
+    """grid (B * L,). x (B, L, C), w (C,), cos/sin (L, HALF_D) fp32 -> out (B, L, C) fp32.
+
+    The row is loaded contiguously as BLOCK_P pairs and split into even/odd channels (one coalesced
+    read instead of two strided ones), then re-interleaved for one coalesced store.
+    """
+    row = tl.program_id(0)
+    b = (row // L).to(tl.int64)
+    t = (row % L).to(tl.int64)
+    offs = tl.arange(0, 2 * BLOCK_P)
+    ok = offs < C
+    x_raw = tl.load(x_ptr + b * sxb + t * sxl + offs, mask=ok, other=0.0)
+    x = x_raw.to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, 0) / C + EPS)
+    n = round_to(x * r, x_raw.dtype, EMULATE)  # .type_as(x)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    y = round_code(n * w, PROD_CODE, EMULATE)  # * weight, in promote_types(x, w)
+    ye, yo = tl.split(tl.reshape(y, [BLOCK_P, 2]))  # channels 2k, 2k+1
+    k = tl.arange(0, BLOCK_P)
+    j = k % HALF_D  # frequency index of pair k (pairs of head h are k = h*HALF_D .. (h+1)*HALF_D-1)
+    pk = k < C // 2
+    c = tl.load(cos_ptr + t * scl + j, mask=pk, other=0.0)
+    s = tl.load(sin_ptr + t * scl + j, mask=pk, other=0.0)
+    out = tl.interleave(ye * c - yo * s, ye * s + yo * c)
+    tl.store(out_ptr + row.to(tl.int64) * C + offs, out, mask=ok)
+
+
+def _row_warps(block: int) -> int:
+    return 1 if INTERPRET else min(max(block // 256, 1), 8)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, *,
+                  launch: Launch = direct) -> torch.Tensor:
+    """x (B, L, C); shift, scale broadcastable to (B, 1, C) -> fp32 (B, L, C)."""
+    b, l, c = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    shift, scale = (s.float().expand(b, 1, c) for s in (shift, scale))
+    shift, scale = (s if s.stride(-1) == 1 else s.contiguous() for s in (shift, scale))
+    out = torch.empty((b, l, c), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(c)
+    launch(norm_modulate_kernel)[(b * l,)](
+        x, shift, scale, l, c, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out,
+        EPS=float(eps), BLOCK_C=block, EMULATE=INTERPRET, num_warps=_row_warps(block))
+    return out
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 num_heads: int, *, launch: Launch = direct) -> torch.Tensor:
+    """x (B, L, C), weight (C,), cos/sin (L, D/2) -> fp32 (B, L, H, D), D = C / num_heads."""
+    b, l, c = x.shape
+    d = c // num_heads
+    if d * num_heads != c or d % 2:
+        raise ValueError(f"hidden size {c} is not num_heads={num_heads} x an even head dim")
+    if cos.shape != (l, d // 2) or sin.shape != (l, d // 2):
+        raise ValueError(f"cos/sin must be (L, D/2) = ({l}, {d // 2}); got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = (t.float().contiguous() for t in (cos, sin))
+    prod = DTYPE_CODE[torch.promote_types(x.dtype, weight.dtype)]
+    out = torch.empty((b, l, num_heads, d), dtype=torch.float32, device=x.device)
+    block_p = triton.next_power_of_2(c // 2)
+    launch(qk_norm_rope_kernel)[(b * l,)](
+        x, weight.contiguous(), cos, sin, l, c, d // 2, x.stride(0), x.stride(1), cos.stride(0), out,
+        EPS=float(eps), BLOCK_P=block_p, PROD_CODE=prod, EMULATE=INTERPRET, num_warps=_row_warps(2 * block_p))
+    return out
