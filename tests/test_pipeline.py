@@ -192,3 +192,24 @@ def test_video_roundtrip_odd_size(tmp_path):
     back = read_mp4(path)
     assert back.shape == (5, 34, 48, 3)  # padded to even sizes for yuv420p
     assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+@pytest.mark.parametrize("attention,kernels,min_psnr", [("flash", "triton", 60.0), ("sage", "torch", 40.0)])
+def test_pipeline_with_triton_kernels(tiny_official, attention, kernels, min_psnr):
+    """The whole eager pipeline with our Triton kernels selected (run by Triton's CPU interpreter here).
+    fp32 flash + fused kernels differ from SDPA/torch only by summation order (-> ~90 dB measured);
+    sage quantises Q/K to INT8 per block (-> ~53 dB measured). PSNR vs the default kernels."""
+    pytest.importorskip("triton")
+    from wanrt.metrics import psnr
+
+    a, b = frames()
+    kw = dict(max_area=64 * 64, frame_num=5, sample_steps=3, seed=0, progress=False)
+    ref = FLF2VPipeline.from_pretrained(tiny_official)(a, b, "a bird", **kw).frames
+    pipe = FLF2VPipeline.from_pretrained(tiny_official, attention=attention, kernels=kernels)
+    out = pipe(a, b, "a bird", **kw).frames
+    assert psnr(out, ref) >= min_psnr
+
+
+def test_unknown_kernel_names(tiny_official):
+    with pytest.raises(ValueError, match="unknown attention implementation 'fa9'"):
+        FLF2VPipeline.from_pretrained(tiny_official, attention="fa9")

@@ -24,9 +24,12 @@ class CLIError(Exception):
 
 
 def _fail(e: BaseException, debug: bool) -> None:
+    from wanrt.parallel.launch import env_rank
+
     if debug:
         raise e
-    typer.echo(f"error: {e}", err=True)
+    rank = env_rank()[0]  # in a multi-process run rank 0 reports; the others name themselves
+    typer.echo(f"error: {e}" if rank == 0 else f"error: rank {rank}: {e}", err=True)
     raise typer.Exit(code=1)
 
 
@@ -77,7 +80,6 @@ _UNUSED_OFFICIAL_FLAGS = {
     "t5_cpu": "use the runtime's memory policy instead",
     "t5_fsdp": "use torchrun with --tp_size",
     "dit_fsdp": "use torchrun with --ulysses_size/--tp_size",
-    "ring_size": "ring attention is not implemented; use --ulysses_size",
     "use_prompt_extend": "prompt extension is not part of wanrt",
 }
 
@@ -86,6 +88,7 @@ _UNUSED_OFFICIAL_FLAGS = {
                   f"Official sizes: {', '.join(OFFICIAL_SIZES)}; any W*H with both sides multiples of 16 works "
                   "(it sets the pixel area; the aspect ratio follows the first frame).")
 def generate(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option("--task", help="Only flf2v-14B.")] = "flf2v-14B",
     size: Annotated[str, typer.Option("--size", help="Output area as W*H, e.g. 1280*720.")] = "1280*720",
     ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir",
@@ -104,7 +107,17 @@ def generate(
     save_file: Annotated[str | None, typer.Option("--save_file", "--save-file")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 map on CUDA, fp32 on CPU), fp32, bf16.")] = "auto",
+    attention: Annotated[str, typer.Option("--attention", help="sdpa, flash or sage (Triton kernels).")] = "sdpa",
+    kernels: Annotated[str, typer.Option("--kernels", help="torch or triton (fused norm/RoPE kernels).")] = "torch",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Run as N local processes (what torchrun "
+                                       "--nproc_per_node=N -m wanrt generate does).")] = 1,
+    ulysses_size: Annotated[int, typer.Option("--ulysses_size", "--ulysses-size", help="Sequence-parallel degree "
+                                              "of the DiT (divides its heads).")] = 1,
+    cfg_parallel: Annotated[bool, typer.Option("--cfg_parallel", "--cfg-parallel", help="Cond and uncond on "
+                                               "different ranks: 2 x ulysses_size processes.")] = False,
+    tp_size: Annotated[int, typer.Option("--tp_size", "--tp-size", help="Tensor-parallel degree of the DiT and "
+                                         "T5 (not combined with the others).")] = 1,
     # official flags that wanrt accepts and ignores (with a note)
     offload_model: Annotated[str | None, typer.Option("--offload_model", "--offload-model", hidden=True)] = None,
     t5_cpu: Annotated[bool, typer.Option("--t5_cpu", "--t5-cpu", hidden=True)] = False,
@@ -116,19 +129,25 @@ def generate(
     prompt_extend_model: Annotated[str | None, typer.Option("--prompt_extend_model", hidden=True)] = None,
     prompt_extend_target_lang: Annotated[str | None, typer.Option("--prompt_extend_target_lang", hidden=True)] = None,
 ) -> None:
+    spawned = None
     try:
         import random
 
-        from wanrt.pipeline import FLF2VPipeline, validate
+        from wanrt.parallel import ParallelPlan, load_pipeline, model_config, session, spawn
+        from wanrt.parallel.launch import command_argv, env_rank
+        from wanrt.pipeline import validate
         from wanrt.video import check_writable, load_image
 
         if task not in TASKS:
             raise CLIError(f"unknown task {task!r}: wanrt runs {', '.join(TASKS)}")
         given = {"offload_model": offload_model is not None, "t5_cpu": t5_cpu, "t5_fsdp": t5_fsdp,
-                 "dit_fsdp": dit_fsdp, "ring_size": ring_size != 1, "use_prompt_extend": use_prompt_extend}
+                 "dit_fsdp": dit_fsdp, "use_prompt_extend": use_prompt_extend}
         for flag, why in _UNUSED_OFFICIAL_FLAGS.items():
             if given[flag]:
                 typer.echo(f"note: --{flag} is accepted for compatibility and ignored ({why})", err=True)
+        if ring_size != 1:
+            raise CLIError(f"--ring_size {ring_size}: ring attention is not implemented in wanrt; use --ulysses_size "
+                           "(with --cfg_parallel: ulysses_size x 2 = processes), see docs/parallel.md")
         w, h = parse_size(size)
         validate(None, frame_num, sample_steps, sample_guide_scale, w * h, sample_solver)
         if ckpt_dir is None:
@@ -147,21 +166,41 @@ def generate(
         if prompt is None:
             raise CLIError("--prompt is required")
         _check_fits_rope(first, w * h)
-        seed = base_seed if base_seed >= 0 else random.randint(0, 2**63 - 1)
-        out = Path(save_file or f"flf2v-14B_{w}x{h}_{time.strftime('%Y%m%d_%H%M%S')}.mp4")
-        check_writable(out)
-        pipe = FLF2VPipeline.from_pretrained(ckpt_dir, device=device, dtype=parse_dtype(dtype))
-        video = pipe(first, last, prompt, negative_prompt=negative_prompt, max_area=w * h, frame_num=frame_num,
-                     sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
-                     sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty())
-        video.save(out)
-        t = video.timings
-        typer.echo(f"saved {out} ({video.frames.shape[0]} frames {video.frames.shape[2]}x{video.frames.shape[1]}, "
-                   f"seed {seed}) in {t['total']:.2f} s: text {t['text_encoder']:.2f} s, image "
-                   f"{t['image_encoder']:.2f} s, vae encode {t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
-                   f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
+        plan = ParallelPlan(ulysses=ulysses_size, cfg=cfg_parallel, tp=tp_size)
+        world = env_rank()[1]
+        if nproc > 1 and world == 1:  # start the ranks, each re-running this command under torchrun's env
+            plan.check(nproc, model_config(ckpt_dir))
+            spawned = spawn(nproc, [sys.executable, "-m", "wanrt", *command_argv(ctx)])
+            return
+        if nproc not in (1, world):
+            raise CLIError(f"--nproc {nproc}, but this process was launched as one of {world}")
+        plan.check(world)
+
+        def decide() -> tuple[int, Path]:  # on rank 0 only: one seed and one output path for the whole run
+            seed = base_seed if base_seed >= 0 else random.randint(0, 2**63 - 1)
+            out = Path(save_file or f"flf2v-14B_{w}x{h}_{time.strftime('%Y%m%d_%H%M%S')}.mp4")
+            return seed, check_writable(out)
+
+        with session(device) as run:
+            seed, out = run.on_main(decide)
+            pipe = load_pipeline(ckpt_dir, plan, run, device=device, dtype=parse_dtype(dtype), attention=attention,
+                                 kernels=kernels)
+            video = pipe(first, last, prompt, negative_prompt=negative_prompt, max_area=w * h, frame_num=frame_num,
+                         sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
+                         sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
+                         decode=run.is_main)  # only rank 0 decodes and writes
+            if run.is_main:
+                video.save(out)
+                t = video.timings
+                typer.echo(f"saved {out} ({video.frames.shape[0]} frames {video.frames.shape[2]}x"
+                           f"{video.frames.shape[1]}, seed {seed}) in {t['total']:.2f} s: text "
+                           f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
+                           f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
+                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
     except _known_errors() as e:
         _fail(e, debug)
+    if spawned:
+        raise typer.Exit(code=spawned)
 
 
 @app.command(help="Show which backends are usable on this machine, and why the others are not.")

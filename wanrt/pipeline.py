@@ -123,7 +123,13 @@ class FLF2VPipeline:
     """Loads once, serves many requests. Build with `from_pretrained`."""
 
     def __init__(self, backends: Backends, config: WanConfig, tokenizer, device: torch.device,
-                 text_cache_size: int = 16):
+                 text_cache_size: int = 16, attention: str = "sdpa", kernels: str = "torch"):
+        from wanrt.kernels import attention as attention_seam
+        from wanrt.kernels import fused as fused_seam
+
+        attention_seam.check(attention)
+        fused_seam.check(kernels)
+        self.attention, self.kernels = attention, kernels  # kernel choice for eager model code
         self.backends = backends
         self.config = config
         self.tokenizer = tokenizer
@@ -133,9 +139,11 @@ class FLF2VPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> FLF2VPipeline:
+                        dtype: torch.dtype | None = None, attention: str = "sdpa",
+                        kernels: str = "torch") -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
-        (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU."""
+        (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
+        (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels."""
         from wanrt.models.loading import load
         from wanrt.runtime.backends import eager
 
@@ -143,7 +151,8 @@ class FLF2VPipeline:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None)
-        return cls(eager(models), models.config, models.text_encoder.tokenizer, device)
+        return cls(eager(models), models.config, models.text_encoder.tokenizer, device, attention=attention,
+                   kernels=kernels)
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -188,11 +197,17 @@ class FLF2VPipeline:
 
     # -- request ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def __call__(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
+    def __call__(self, first_frame, last_frame, prompt: str, **kwargs) -> Video:
+        """Generate a video; see `generate` for the arguments."""
+        from wanrt.kernels import attention, fused
+
+        with torch.no_grad(), attention.use(self.attention), fused.use(self.kernels):
+            return self.generate(first_frame, last_frame, prompt, **kwargs)
+
+    def generate(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
                  max_area: int = 1280 * 720, frame_num: int = 81, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
-                 seed: int = 0, progress: bool = True) -> Video:
+                 seed: int = 0, progress: bool = True, decode: bool = True) -> Video:
         validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -230,6 +245,9 @@ class FLF2VPipeline:
                               progress=progress)
         timings["denoise"] = time.perf_counter() - t0
 
+        if not decode:  # multi-process runs: rank 0 decodes, the others return no frames
+            timings["total"] = time.perf_counter() - t_start
+            return Video(frames=np.zeros((0, height, width, 3), np.uint8), fps=FPS, timings=timings, seed=seed)
         t0 = time.perf_counter()
         video = self.vae_decode(latent)[0]  # (3, F, H, W)
         timings["vae_decode"] = time.perf_counter() - t0

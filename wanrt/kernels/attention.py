@@ -51,14 +51,14 @@ def current() -> str:
 def set_default(name: str) -> None:
     """Select the process-wide attention implementation (e.g. from the CLI)."""
     global _default
-    _check(name)
+    check(name)
     _default = name
 
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
     """Select an implementation for the current thread inside a `with` block."""
-    _check(name)
+    check(name)
     prev = getattr(_state, "name", None)
     _state.name = name
     try:
@@ -74,7 +74,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return _REGISTRY[current()](q, k, v).to(out_dtype)
 
 
-def _check(name: str) -> None:
+def check(name: str) -> None:
     _load_optional()
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention implementation {name!r}; available: {', '.join(sorted(_REGISTRY))}")

@@ -38,13 +38,13 @@ def current() -> str:
 
 def set_default(name: str) -> None:
     global _default
-    _check(name)
+    check(name)
     _default = name
 
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    _check(name)
+    check(name)
     prev = getattr(_state, "name", None)
     _state.name = name
     try:
@@ -53,7 +53,7 @@ def use(name: str) -> Iterator[None]:
         _state.name = prev
 
 
-def _check(name: str) -> None:
+def check(name: str) -> None:
     _load_optional()
     if name not in _IMPLS:
         raise ValueError(f"unknown fused-kernel implementation {name!r}; available: {', '.join(sorted(_IMPLS))}")
