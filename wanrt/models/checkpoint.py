@@ -142,6 +142,14 @@ def find_weights(folder: Path, stems: Iterable[str]) -> Path:
     raise CheckpointError(f"no weights in {folder} (looked for {', '.join(tried)})")
 
 
+def tied_names(module: torch.nn.Module) -> dict[str, list[str]]:
+    """name -> all state_dict names of the same (tied) tensor, e.g. T5's shared / encoder.embed_tokens."""
+    groups: dict[int, list[str]] = {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(v), []).append(k)
+    return {k: names for names in groups.values() for k in names}
+
+
 def load_module(module: torch.nn.Module, weights: Weights | dict[str, torch.Tensor],
                 dtypes: dict[str, torch.dtype] | torch.dtype, device: torch.device | str = "cpu",
                 source: str | None = None) -> torch.nn.Module:
@@ -154,15 +162,11 @@ def load_module(module: torch.nn.Module, weights: Weights | dict[str, torch.Tens
     expected = module.state_dict(keep_vars=True)
     # Tied parameters (e.g. T5's shared / embed_tokens) appear under several names; a checkpoint may
     # store any one of them. Read one, assign it to all.
-    ties: dict[int, list[str]] = {}
-    for k, v in expected.items():
-        ties.setdefault(id(v), []).append(k)
     alias = {}
-    for names in ties.values():
-        present = [n for n in names if n in weights]
-        for n in names:
-            if n not in weights and present:
-                alias[n] = present[0]
+    for n, names in tied_names(module).items():
+        present = [m for m in names if m in weights]
+        if n not in weights and present:
+            alias[n] = present[0]
     missing = sorted(set(expected) - set(weights.names()) - set(alias))
     unexpected = sorted(set(weights.names()) - set(expected))
     if missing or unexpected:

@@ -161,3 +161,13 @@ class WanConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WanConfig:
+        """Inverse of to_dict (as stored in an engine manifest); tuples restored from JSON lists."""
+        def build(kind, values):
+            fields = {f.name: f for f in dataclasses.fields(kind)}
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
+
+        return cls(dit=build(DiTConfig, d["dit"]), vae=build(VAEConfig, d["vae"]), t5=build(T5Config, d["t5"]),
+                   clip=build(CLIPConfig, d["clip"]), name=d.get("name", ""))

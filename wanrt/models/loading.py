@@ -7,7 +7,6 @@ device and filled tensor by tensor (see checkpoint.load_module), so a 14B load h
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from collections.abc import Iterable
@@ -71,6 +70,35 @@ def resolve(path: str | Path) -> tuple[Path, str]:
                           "DiT safetensors) nor a diffusers folder (model_index.json)")
 
 
+class Checkpoint:
+    """An opened checkpoint folder: its layout, inferred config, and lazy per-component weight views whose
+    keys are our modules' state_dict keys (DiT/VAE: official names; T5/CLIP: transformers names)."""
+
+    def __init__(self, path: str | Path):
+        self.folder, self.layout = resolve(path)
+        self._src = _Official(self.folder) if self.layout == "official" else _Diffusers(self.folder)
+        src = self._src
+        self.config = WanConfig(dit=src.dit_config(), vae=src.vae_config(), t5=src.t5_config(),
+                                clip=src.clip_config(), name=self.folder.name)
+
+    def weights(self, component: str) -> Weights | dict[str, torch.Tensor]:
+        if component == "dit":
+            return self._src.dit_weights()
+        if component == "vae":
+            return self._src.vae_weights()
+        if component == "text_encoder":
+            return self._src.t5_weights()
+        if component == "image_encoder":
+            return self._src.clip_weights(self.config.clip.num_layers - 1)
+        raise ValueError(f"unknown component {component!r}; choose from {COMPONENTS}")
+
+    def tokenizer(self):
+        return self._src.tokenizer()
+
+    def fingerprint(self) -> str:
+        return checkpoint_fingerprint(self.folder)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          components: Iterable[str] = COMPONENTS) -> WanModels:
     """Load the models. dtype None: everything fp32. dtype bf16/fp16: the official precision map
@@ -79,11 +107,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
-    folder, layout = resolve(path)
-    src = _Official(folder) if layout == "official" else _Diffusers(folder)
-    cfg = WanConfig(dit=src.dit_config(), vae=src.vae_config(), t5=src.t5_config(), clip=src.clip_config(),
-                    name=folder.name)
-    models = WanModels(config=cfg, source=str(folder), layout=layout)
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    models = WanModels(config=cfg, source=str(ckpt.folder), layout=ckpt.layout)
     low = dtype if dtype in (torch.bfloat16, torch.float16) else None
     with torch.device("meta"):
         if "dit" in components:
@@ -96,18 +122,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             models.image_encoder = CLIPImageEncoder(cfg.clip)
     if models.dit is not None:
         dtypes = precision_map(models.dit, low) if low else torch.float32
-        load_module(models.dit, src.dit_weights(), dtypes, device)
+        load_module(models.dit, ckpt.weights("dit"), dtypes, device)
         models.dit.reset_buffers()
     if models.vae is not None:
-        load_module(models.vae, src.vae_weights(), torch.float32, device)
+        load_module(models.vae, ckpt.weights("vae"), torch.float32, device)
         models.vae.reset_buffers()
     if models.text_encoder is not None:
-        load_module(models.text_encoder.model, src.t5_weights(), low or torch.float32, device)
-        models.text_encoder.tokenizer = src.tokenizer()
+        load_module(models.text_encoder.model, ckpt.weights("text_encoder"), low or torch.float32, device)
+        models.text_encoder.tokenizer = ckpt.tokenizer()
     if models.image_encoder is not None:
         clip_dtype = torch.float16 if low else torch.float32
-        load_module(models.image_encoder.model, src.clip_weights(models.image_encoder.num_layers_used),
-                    clip_dtype, device)
+        load_module(models.image_encoder.model, ckpt.weights("image_encoder"), clip_dtype, device)
         models.image_encoder.reset_buffers()
     for m in (models.dit, models.vae, models.text_encoder, models.image_encoder):
         if m is not None:
@@ -338,6 +363,3 @@ class _Diffusers:
                           mlp_ratio=c["intermediate_size"] // c["hidden_size"], num_heads=c["num_attention_heads"],
                           num_layers=c["num_hidden_layers"], eps=c.get("layer_norm_eps", 1e-5))
 
-
-def config_to_json(cfg: WanConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -80,3 +80,70 @@ def eager(models: WanModels) -> Backends:
         dit=EagerDiT(models.dit), vae=vae,
         names=dict.fromkeys(("text_encoder", "image_encoder", "dit", "vae"), "eager"),
     )
+
+
+ENGINE_BACKENDS = ("onnxruntime", "aoti", "tensorrt")
+
+
+def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int | None = None,
+                    height: int | None = None, frame_num: int | None = None, checkpoint: str | None = None):
+    """Backends of an engine dir for one of its profiles -> (Backends, WanConfig, tokenizer, Target).
+
+    The manifest is checked first: a profile that does not exist, a --size/--frame_num that
+    contradicts the engine, or a checkpoint other than the one it was built from is refused.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from wanrt.engine.manifest import EngineError, Manifest
+    from wanrt.export.specs import Target
+    from wanrt.models.config import WanConfig
+
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"unknown engine backend {backend!r}; choose from {', '.join(ENGINE_BACKENDS)}")
+    m = Manifest.load(engine_dir)
+    target = _pick_profile(m, width, height, frame_num)
+    if checkpoint is not None:
+        from wanrt.models.loading import Checkpoint
+
+        fp = Checkpoint(checkpoint).fingerprint()
+        if fp != m.data["checkpoint"]["fingerprint"]:
+            raise EngineError(f"{engine_dir} was built from {m.data['checkpoint']['path']}, not from {checkpoint} "
+                              "(different fingerprint); rebuild it for this checkpoint")
+    config = WanConfig.from_dict(m.data["config"])
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(engine_dir) / "tokenizer"))
+    target = Target(target.width, target.height, target.frame_num, m.data["batch"])
+    if backend == "onnxruntime":
+        from wanrt.runtime.onnxruntime import load_graphs
+
+        te, ie, dit, vae = load_graphs(engine_dir, target, device)
+    else:
+        from wanrt.engine import loader
+
+        te, ie, dit, vae = loader.load(backend, m, target, device)
+    names = dict.fromkeys(("text_encoder", "image_encoder", "dit", "vae"), backend)
+    return Backends(te, ie, dit, vae, names=names), config, tokenizer, target
+
+
+def _pick_profile(m, width, height, frame_num):
+    from wanrt.engine.manifest import EngineError
+    from wanrt.export.specs import Target
+
+    profiles = m.data.get("profiles", {})
+    matches = [p for p in profiles.values()
+               if (width is None or (p["width"], p["height"]) == (width, height))
+               and (frame_num is None or p["frame_num"] == frame_num)]
+    listing = ", ".join(f"{p['width']}*{p['height']} x {p['frame_num']} frames" for p in profiles.values()) or "none"
+    if not matches:
+        want = []
+        if width is not None:
+            want.append(f"size {width}*{height}")
+        if frame_num is not None:
+            want.append(f"{frame_num} frames")
+        raise EngineError(f"{m.root} has no engine for {' and '.join(want)} (it holds: {listing}); "
+                          "build one with `wanrt export/build --size W*H --frame_num N`")
+    if len(matches) > 1:
+        raise EngineError(f"{m.root} holds several profiles ({listing}); pick one with --size and --frame_num")
+    p = matches[0]
+    return Target(p["width"], p["height"], p["frame_num"])

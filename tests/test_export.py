@@ -1,0 +1,237 @@
+"""`wanrt export` + the ONNX Runtime backend on the tiny checkpoint (CPU, fp32).
+
+Tolerance for graph parity: relative error <= 1e-4 (fp32; ONNX Runtime fuses and reorders sums, and
+the export uses the explicit MatMul-Softmax-MatMul attention with a pre-scaled q)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from wanrt.engine.manifest import EngineError, Manifest
+from wanrt.export import export, graph_file, graph_key
+from wanrt.export.onnx import check_graph, trt_supported_ops
+from wanrt.export.specs import Target, graph_specs
+from wanrt.models.loading import load
+from wanrt.pipeline import FLF2VPipeline, InputError
+from wanrt.runtime.onnxruntime import Graph
+
+TARGET = Target(64, 48, 9)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_official, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    export(tiny_official, out, TARGET, precision="fp32", log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tiny_official):
+    return load(tiny_official)
+
+
+def graph(engine, name):
+    return Graph(Manifest.load(engine), name, TARGET, torch.device("cpu"))
+
+
+def test_manifest_lists_every_graph(engine, tiny_official):
+    m = Manifest.load(engine)
+    keys = {graph_key(g, TARGET) for g in ("t5", "clip", "dit", "vae_encoder_first", "vae_encoder",
+                                            "vae_decoder_first", "vae_decoder")}
+    assert set(m.data["graphs"]) == keys
+    assert m.data["precision"] == "fp32" and m.data["batch"] == 2 and "64x48x9" in m.data["profiles"]
+    assert m.data["checkpoint"]["path"] == str(tiny_official) and m.data["versions"]["onnx"]
+    for entry in m.data["graphs"].values():
+        for f, digest in entry["files"].items():
+            assert (engine / f).is_file() and len(digest) == 64
+    assert (engine / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_graphs_are_trt_ready(engine):
+    supported = trt_supported_ops()
+    for entry in Manifest.load(engine).data["graphs"].values():
+        for f in entry["files"]:
+            if f.endswith(".onnx"):
+                info = check_graph(engine / f)  # checker, no float64/complex, static, TRT ops
+                assert set(info["ops"]) <= supported
+
+
+def test_t5_parity(engine, models):
+    ids, mask = models.text_encoder.tokenize(["a bird flies over the sky"])
+    ref = models.text_encoder(ids, mask)
+    out = graph(engine, "t5")(ids, mask)[0]
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_clip_parity(engine, models):
+    px = models.image_encoder.preprocess(torch.rand(2, 3, 40, 56) * 2 - 1)
+    assert rel_err(graph(engine, "clip")(px)[0], models.image_encoder(px)) < 1e-4
+
+
+def test_dit_parity(engine, models):
+    spec = graph_specs(models.config, TARGET)["dit"]
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(t.shape, generator=g) if t.dtype == "float32" else torch.tensor([999, 500])
+            for t in spec.inputs]
+    with torch.no_grad():
+        ref = models.dit(*args)
+    err = rel_err(graph(engine, "dit")(*args)[0], ref)
+    print(f"\nDiT ONNX Runtime vs eager: rel err {err:.2e}")
+    assert err < 1e-4
+
+
+def test_vae_chunk_loop_parity(engine, models):
+    from wanrt.models.vae import decode_chunks, encode_chunks
+    from wanrt.runtime.onnxruntime import ORTVAE
+
+    m = Manifest.load(engine)
+    vae = ORTVAE(*(Graph(m, n, TARGET, torch.device("cpu"))
+                   for n in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")))
+    video = torch.rand(1, 3, 9, 48, 64) * 2 - 1
+    with torch.no_grad():
+        z_ref = models.vae.encode(video)
+        v_ref = models.vae.decode(z_ref)
+    z = encode_chunks(vae.encode_chunk, video)
+    assert rel_err(z, z_ref) < 1e-4
+    assert rel_err(decode_chunks(vae.decode_chunk, z_ref), v_ref) < 1e-4
+
+
+def test_onnxruntime_video_matches_eager(engine, tiny_official):
+    from wanrt.metrics import psnr
+    from wanrt.samples import sample_frames
+
+    a, b = sample_frames()
+    kw = dict(sample_steps=4, seed=3, progress=False)
+    eager = FLF2VPipeline.from_pretrained(tiny_official)(a, b, "a bird", max_area=64 * 48, frame_num=9, **kw)
+    pipe = FLF2VPipeline.from_pretrained(tiny_official, backend="onnxruntime", engine_dir=engine)
+    ort = pipe(a, b, "a bird", **kw)
+    assert ort.frames.shape == eager.frames.shape == (9, 48, 64, 3)
+    value = psnr(ort.frames, eager.frames)
+    print(f"\nONNX Runtime vs eager video: PSNR {value:.1f} dB")
+    assert value >= 40.0
+    assert pipe.backends.names["dit"] == "onnxruntime"
+
+
+def test_engine_crops_other_aspect_ratios(engine):
+    from wanrt.samples import sample_frames
+
+    pipe = FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=engine)
+    a, b = sample_frames(160, 160)  # square frames, 4:3 engine
+    video = pipe(a, b, "x", sample_steps=1, progress=False)
+    assert video.frames.shape == (9, 48, 64, 3) and "center-cropped to 160x120" in video.notes[0]
+
+
+def test_engine_refuses_contradictions(engine, tiny_official, tmp_path):
+    with pytest.raises(EngineError, match="no engine for 81 frames"):
+        FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=engine, frame_num=81)
+    with pytest.raises(EngineError, match="no engine for size 1280\\*720"):
+        FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=engine, size=(1280, 720))
+    pipe = FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=engine)
+    with pytest.raises(InputError, match="built for 9 frames"):
+        pipe(np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64, 3), np.uint8), "x", frame_num=17)
+    other = shutil.copytree(tiny_official, tmp_path / "other")
+    (other / "config.json").write_text((other / "config.json").read_text() + " ")  # a different checkpoint
+    with pytest.raises(EngineError, match="different fingerprint"):
+        FLF2VPipeline.from_pretrained(other, backend="onnxruntime", engine_dir=engine)
+    with pytest.raises(EngineError, match="not an engine dir"):
+        FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=tmp_path)
+
+
+def test_corrupted_graph_is_detected(engine, tmp_path):
+    copy = shutil.copytree(engine, tmp_path / "eng")
+    f = copy / graph_file("dit", TARGET)
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(EngineError, match="does not match its sha256"):
+        FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=copy)
+
+
+def test_rerun_skips_and_crash_leaves_honest_manifest(engine, tiny_official, tmp_path, monkeypatch):
+    lines = []
+    export(tiny_official, engine, TARGET, precision="fp32", log=lines.append)
+    assert all(line.endswith("up to date") for line in lines) and len(lines) == 7
+    # a crash while writing the DiT: the manifest lists what finished before, nothing else
+    out = tmp_path / "eng"
+    from wanrt.export import onnx as onnx_export
+
+    real_write = onnx_export.write
+
+    def failing(model, weights, fetch, path, **kw):
+        if path.name == "dit.onnx":
+            raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C
+        return real_write(model, weights, fetch, path, **kw)
+
+    monkeypatch.setattr(onnx_export, "write", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_official, out, TARGET, precision="fp32", components=["t5", "dit"], log=lambda s: None)
+    data = json.loads((out / "manifest.json").read_text())
+    assert list(data["graphs"]) == ["t5"]
+    assert not (out / graph_file("dit", TARGET)).exists()
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left
+    with pytest.raises(EngineError, match="precision fp32"):
+        export(tiny_official, out, TARGET, precision="bf16", components=["t5"], log=lambda s: None)
+
+
+def test_external_data(tiny_official, tmp_path):
+    export(tiny_official, tmp_path, TARGET, precision="fp32", components=["clip"], inline_limit=0,
+           log=lambda s: None)
+    files = Manifest.load(tmp_path).entry("graphs", "clip")["files"]
+    assert sorted(files) == ["onnx/clip.onnx", "onnx/clip.onnx.data"]
+    model = onnx.load(str(tmp_path / "onnx/clip.onnx"), load_external_data=False)
+    weights = [i for i in model.graph.initializer if i.name.startswith("net.")]
+    assert weights and all(i.data_location == onnx.TensorProto.EXTERNAL for i in weights)
+    px = torch.randn(2, 3, 32, 32)
+    ref = load(tiny_official, components=("image_encoder",)).image_encoder(px)
+    assert rel_err(Graph(Manifest.load(tmp_path), "clip", TARGET, torch.device("cpu"))(px)[0], ref) < 1e-4
+
+
+def test_bf16_export_is_strongly_typed(tiny_official, tmp_path):
+    """bf16 weights for the DiT's matmuls, fp32 islands kept by explicit Casts."""
+    export(tiny_official, tmp_path, TARGET, precision="bf16", components=["dit"], log=lambda s: None)
+    model = onnx.load(str(tmp_path / graph_file("dit", TARGET)))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["net.blocks.0.self_attn.q.weight"] == onnx.TensorProto.BFLOAT16
+    assert types["net.time_projection.1.weight"] == onnx.TensorProto.FLOAT
+    assert types["net.head.head.weight"] == onnx.TensorProto.FLOAT and types["net.blocks.0.modulation"] == 1
+    assert any(n.op_type == "Cast" for n in model.graph.node)
+
+
+def test_check_graph_rejects_unsupported(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    seq = helper.make_node("SplitToSequence", ["x"], ["s"], axis=0)
+    at = helper.make_node("SequenceAt", ["s", "i"], ["y"])
+    i = helper.make_tensor("i", TensorProto.INT64, [], [0])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    m = helper.make_model(helper.make_graph([seq, at], "g", [x], [y], [i]), opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(m, tmp_path / "bad.onnx")
+    with pytest.raises(ValueError, match="operators TensorRT cannot parse: \\['SequenceAt', 'SplitToSequence'\\]"):
+        check_graph(tmp_path / "bad.onnx")
+    d = helper.make_tensor_value_info("d", TensorProto.DOUBLE, [2])
+    m2 = helper.make_model(helper.make_graph([helper.make_node("Identity", ["d"], ["e"])], "g", [d],
+                                             [helper.make_tensor_value_info("e", TensorProto.DOUBLE, [2])]),
+                           opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(m2, tmp_path / "f64.onnx")
+    with pytest.raises(ValueError, match="float64"):
+        check_graph(tmp_path / "f64.onnx")
+
+
+def test_trt_op_list_matches_spec():
+    """The packaged op list is the spec's (../shared/spec/onnx-trt-ops.txt) when that is present."""
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[2] / "shared" / "spec" / "onnx-trt-ops.txt"
+    if not spec.is_file():
+        pytest.skip("../shared/spec is not present in this checkout")
+    ours = Path(__import__("wanrt.export.onnx").export.onnx.__file__).with_name("trt_ops.txt")
+    assert ours.read_text() == spec.read_text()

@@ -1,0 +1,151 @@
+"""manifest.json: what an engine dir holds, built from what, and how to check it before loading.
+
+The manifest is rewritten atomically after each finished file, and only lists files that are
+complete (their sha256 recorded), so a crash never leaves a manifest that claims an unfinished file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = 1
+NAME = "manifest.json"
+
+
+class EngineError(Exception):
+    """An engine dir is missing, incomplete, corrupted or built for something else."""
+
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    import importlib
+
+    import wanrt
+
+    out = {"wanrt": wanrt.__version__}
+    for mod in ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: simply not recorded
+            continue
+    return out
+
+
+@dataclass
+class Manifest:
+    root: Path
+    data: dict = field(default_factory=dict)
+
+    # -- life cycle -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | Path) -> Manifest:
+        """Read ROOT/manifest.json (an empty manifest when there is none)."""
+        root = Path(root)
+        path = root / NAME
+        if not path.is_file():
+            return cls(root, {})
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EngineError(f"cannot read {path}: {e}; delete the engine dir and rebuild") from None
+        if data.get("format") != FORMAT:
+            raise EngineError(f"{path} has format {data.get('format')!r}, this wanrt reads format {FORMAT}; "
+                              "rebuild the engine dir with this version")
+        return cls(root, data)
+
+    @classmethod
+    def load(cls, root: str | Path) -> Manifest:
+        """Like open, but an engine dir without a manifest is an error."""
+        m = cls.open(root)
+        if not m.data:
+            raise EngineError(f"{Path(root) / NAME} not found: {root} is not an engine dir "
+                              "(create one with `wanrt export` or `wanrt build`)")
+        return m
+
+    def init(self, *, checkpoint: dict, config: dict, precision: str, batch: int) -> None:
+        """Start a manifest, or check that an existing one was made from the same inputs."""
+        if not self.data:
+            self.data = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(),
+                         "checkpoint": checkpoint, "config": config, "precision": precision, "batch": batch,
+                         "profiles": {}, "graphs": {}, "engines": {}}
+            return
+        d = self.data
+        problems = []
+        if d["checkpoint"].get("fingerprint") != checkpoint.get("fingerprint"):
+            old = d["checkpoint"]
+            problems.append(f"checkpoint {old.get('path')} (fingerprint {old.get('fingerprint')})")
+        if d["precision"] != precision:
+            problems.append(f"precision {d['precision']}")
+        if d["batch"] != batch:
+            problems.append(f"DiT batch {d['batch']}")
+        if problems:
+            raise EngineError(f"{self.root} was built from {', '.join(problems)}; use another --out, or --force "
+                              "to rebuild it for the new inputs")
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data["versions"] = versions()
+        write_json_atomic(self.root / NAME, self.data)
+
+    # -- entries --------------------------------------------------------------------------------------
+
+    def add_profile(self, tag: str, width: int, height: int, frame_num: int) -> None:
+        self.data["profiles"][tag] = {"width": width, "height": height, "frame_num": frame_num}
+
+    def record(self, section: str, key: str, files: list[str], **info) -> None:
+        """Record finished files (paths relative to root) with their sha256, then save."""
+        entry = dict(info)
+        entry["files"] = {f: sha256(self.root / f) for f in files}
+        self.data[section][key] = entry
+        self.save()
+
+    def entry(self, section: str, key: str) -> dict | None:
+        return self.data.get(section, {}).get(key)
+
+    def is_current(self, section: str, key: str, **expect) -> bool:
+        """True when the entry exists, its files hash as recorded, and its recorded fields equal `expect`."""
+        e = self.entry(section, key)
+        if e is None or any(e.get(k) != json.loads(json.dumps(v)) for k, v in expect.items()):  # tuples -> lists
+            return False
+        return all((self.root / f).is_file() and sha256(self.root / f) == h for f, h in e["files"].items())
+
+    def verify_files(self, section: str, key: str) -> dict:
+        """The entry, after checking every file's sha256; a missing, truncated or altered file is an error."""
+        e = self.entry(section, key)
+        if e is None:
+            raise EngineError(f"{self.root}: no {section[:-1]} '{key}' in the manifest; build it first")
+        for f, h in e["files"].items():
+            p = self.root / f
+            if not p.is_file():
+                raise EngineError(f"{p} is missing; rebuild with `wanrt export/build --force`")
+            if sha256(p) != h:
+                raise EngineError(f"{p} does not match its sha256 in the manifest (truncated or corrupted); "
+                                  "rebuild with --force")
+        return e
