@@ -28,16 +28,24 @@ def _fail(e: BaseException, debug: bool) -> None:
 
     if debug:
         raise e
-    rank = env_rank()[0]  # in a multi-process run rank 0 reports; the others name themselves
+    rank = env_rank().rank  # in a multi-process run rank 0 reports; the others name themselves
     typer.echo(f"error: {e}" if rank == 0 else f"error: rank {rank}: {e}", err=True)
     raise typer.Exit(code=1)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from wanrt.engine.manifest import EngineError
     from wanrt.models.checkpoint import CheckpointError
     from wanrt.video import MediaError
 
-    return (CLIError, CheckpointError, MediaError, ValueError, FileNotFoundError, PermissionError, RuntimeError)
+    return (CLIError, CheckpointError, EngineError, MediaError, ValueError, FileNotFoundError, PermissionError,
+            RuntimeError, ImportError)
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Whether an option was given (not defaulted): engine dirs fix size and frames otherwise."""
+    source = ctx.get_parameter_source(param)
+    return getattr(source, "name", None) not in (None, "DEFAULT", "DEFAULT_MAP")  # typer may vendor click
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -107,6 +115,9 @@ def generate(
     save_file: Annotated[str | None, typer.Option("--save_file", "--save-file")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 map on CUDA, fp32 on CPU), fp32, bf16.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="eager, onnxruntime, aoti or tensorrt.")] = "eager",
+    engine_dir: Annotated[str | None, typer.Option("--engine_dir", "--engine-dir",
+                                                   help="Engine dir for a compiled backend.")] = None,
     attention: Annotated[str, typer.Option("--attention", help="sdpa, flash or sage (Triton kernels).")] = "sdpa",
     kernels: Annotated[str, typer.Option("--kernels", help="torch or triton (fused norm/RoPE kernels).")] = "torch",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -129,7 +140,6 @@ def generate(
     prompt_extend_model: Annotated[str | None, typer.Option("--prompt_extend_model", hidden=True)] = None,
     prompt_extend_target_lang: Annotated[str | None, typer.Option("--prompt_extend_target_lang", hidden=True)] = None,
 ) -> None:
-    spawned = None
     try:
         import random
 
@@ -148,14 +158,19 @@ def generate(
         if ring_size != 1:
             raise CLIError(f"--ring_size {ring_size}: ring attention is not implemented in wanrt; use --ulysses_size "
                            "(with --cfg_parallel: ulysses_size x 2 = processes), see docs/parallel.md")
+        engine = backend != "eager"
+        if engine and engine_dir is None:
+            raise CLIError(f"--backend {backend} needs --engine_dir (make one with `wanrt export` or `wanrt build`)")
+        size_given = _given(ctx, "size") and engine
         w, h = parse_size(size)
-        validate(None, frame_num, sample_steps, sample_guide_scale, w * h, sample_solver)
-        if ckpt_dir is None:
+        frames_given = frame_num if (not engine or _given(ctx, "frame_num")) else None
+        validate(None, frames_given or 81, sample_steps, sample_guide_scale, w * h, sample_solver)
+        if ckpt_dir is None and not engine:
             raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
         if (first_frame is None) != (last_frame is None):
             raise CLIError("give both --first_frame and --last_frame (or neither, with --ckpt_dir tiny)")
         if first_frame is None:
-            if not ckpt_dir.startswith("tiny"):
+            if not (ckpt_dir or "").startswith("tiny") and not engine:
                 raise CLIError("--first_frame and --last_frame are required")
             from wanrt.samples import SAMPLE_PROMPT, sample_frames
 
@@ -165,31 +180,38 @@ def generate(
             first, last = load_image(first_frame), load_image(last_frame)  # fail before loading models
         if prompt is None:
             raise CLIError("--prompt is required")
-        _check_fits_rope(first, w * h)
+        if not engine:
+            _check_fits_rope(first, w * h)
         plan = ParallelPlan(ulysses=ulysses_size, cfg=cfg_parallel, tp=tp_size)
-        world = env_rank()[1]
-        if nproc > 1 and world == 1:  # start the ranks, each re-running this command under torchrun's env
+        world = env_rank().world_size
+        if engine and (plan.size > 1 or nproc > 1 or world > 1):
+            raise CLIError(f"--backend {backend} runs in one process; multi-GPU splits use the eager backend")
+        if nproc > 1 and world == 1:  # re-run this command as nproc local ranks (what torchrun does)
             plan.check(nproc, model_config(ckpt_dir))
-            spawned = spawn(nproc, [sys.executable, "-m", "wanrt", *command_argv(ctx)])
-            return
+            raise typer.Exit(spawn(nproc, [sys.executable, "-m", "wanrt", *command_argv(ctx)]))
         if nproc not in (1, world):
             raise CLIError(f"--nproc {nproc}, but this process was launched as one of {world}")
-        plan.check(world)
+        plan.check(world, model_config(ckpt_dir) if plan.size > 1 or world > 1 else None)
 
-        def decide() -> tuple[int, Path]:  # on rank 0 only: one seed and one output path for the whole run
+        def decide():  # rank 0 picks the seed and checks the output path; the others receive them
             seed = base_seed if base_seed >= 0 else random.randint(0, 2**63 - 1)
             out = Path(save_file or f"flf2v-14B_{w}x{h}_{time.strftime('%Y%m%d_%H%M%S')}.mp4")
             return seed, check_writable(out)
 
         with session(device) as run:
             seed, out = run.on_main(decide)
+            engine_options = dict(backend=backend, engine_dir=engine_dir, size=(w, h) if size_given else None,
+                                  frame_num=frames_given) if engine else {}
             pipe = load_pipeline(ckpt_dir, plan, run, device=device, dtype=parse_dtype(dtype), attention=attention,
-                                 kernels=kernels)
-            video = pipe(first, last, prompt, negative_prompt=negative_prompt, max_area=w * h, frame_num=frame_num,
+                                 kernels=kernels, **engine_options)
+            video = pipe(first, last, prompt, negative_prompt=negative_prompt,
+                         max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
                          sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
                          decode=run.is_main)  # only rank 0 decodes and writes
             if run.is_main:
+                for note in video.notes:
+                    typer.echo(f"note: {note}", err=True)
                 video.save(out)
                 t = video.timings
                 typer.echo(f"saved {out} ({video.frames.shape[0]} frames {video.frames.shape[2]}x"
@@ -197,10 +219,44 @@ def generate(
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
                            f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
                            f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
+    except typer.Exit:  # click's Exit is a RuntimeError: not an error here
+        raise
     except _known_errors() as e:
         _fail(e, debug)
-    if spawned:
-        raise typer.Exit(code=spawned)
+
+
+@app.command(help="Export the models to static ONNX for one size and frame count (ENGINE_DIR/onnx/...).")
+def export(
+    ckpt_dir: Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")],
+    out: Annotated[str, typer.Option("--out", help="Engine dir to write (manifest.json, onnx/).")],
+    size: Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")] = "1280*720",
+    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num")] = 81,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8.")] = "bf16",
+    components: Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")
+                          ] = "t5,clip,dit,vae_encoder,vae_decoder",
+    batch: Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")] = 2,
+    calib_steps: Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")] = 4,
+    force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
+    debug: Annotated[bool, typer.Option("--debug")] = False,
+) -> None:
+    try:
+        from wanrt.export import export as run_export
+        from wanrt.export.specs import Target
+
+        w, h = parse_size(size)
+        target = Target(w, h, frame_num, batch)
+        parts = [c.strip() for c in components.split(",") if c.strip()]
+        t0 = time.perf_counter()
+        calibration = None
+        if precision == "fp8" and "dit" in parts:
+            from wanrt.export.fp8 import calibrate_to
+
+            calibration = calibrate_to(ckpt_dir, out, target, steps=calib_steps, log=typer.echo)
+        run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
+                   calibration=calibration)
+        typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
+    except _known_errors() as e:
+        _fail(e, debug)
 
 
 @app.command(help="Show which backends are usable on this machine, and why the others are not.")

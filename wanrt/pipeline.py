@@ -34,6 +34,7 @@ class Video:
     fps: int = FPS
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     seed: int = 0
+    notes: list[str] = field(default_factory=list)  # things the pipeline changed about the request
 
     def save(self, path: str | Path) -> Path:
         return write_mp4(self.frames, path, fps=self.fps)
@@ -76,6 +77,27 @@ def match_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     ratio = max(fw / lw, fh / lh)
     size = [round(lw * ratio), round(lh * ratio)]  # (W, H) order, consumed as (h, w) below
     return official_center_crop(last, (size[0], size[1]))
+
+
+def crop_to_aspect(first: torch.Tensor, last: torch.Tensor, width: int, height: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """Center-crop both frames to width:height (an engine's fixed aspect ratio); a note when it crops."""
+    h, w = first.shape[-2:]
+    if abs(w * height - h * width) <= max(width, height):  # already that aspect (within a pixel)
+        return first, last, None
+    if w * height > h * width:  # too wide
+        cw, ch = round(h * width / height), h
+    else:
+        cw, ch = w, round(w * height / width)
+
+    def crop(img):
+        ih, iw = img.shape[-2:]
+        top, left = (ih - ch) // 2, (iw - cw) // 2
+        return img[..., top:top + ch, left:left + cw]
+
+    note = (f"frames are {w}x{h}; center-cropped to {cw}x{ch} to match the engine's {width}x{height} "
+            "aspect ratio, then resized")
+    return crop(first), crop(last), note
 
 
 def flf2v_mask(frame_num: int, lat_h: int, lat_w: int) -> torch.Tensor:
@@ -123,13 +145,14 @@ class FLF2VPipeline:
     """Loads once, serves many requests. Build with `from_pretrained`."""
 
     def __init__(self, backends: Backends, config: WanConfig, tokenizer, device: torch.device,
-                 text_cache_size: int = 16, attention: str = "sdpa", kernels: str = "torch"):
+                 text_cache_size: int = 16, attention: str = "sdpa", kernels: str = "torch", target=None):
         from wanrt.kernels import attention as attention_seam
         from wanrt.kernels import fused as fused_seam
 
         attention_seam.check(attention)
         fused_seam.check(kernels)
         self.attention, self.kernels = attention, kernels  # kernel choice for eager model code
+        self.target = target  # an engine's fixed (width, height, frame_num, batch), or None
         self.backends = backends
         self.config = config
         self.tokenizer = tokenizer
@@ -138,16 +161,31 @@ class FLF2VPipeline:
         self._text_cache_size = text_cache_size
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, attention: str = "sdpa",
-                        kernels: str = "torch") -> FLF2VPipeline:
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, attention: str = "sdpa", kernels: str = "torch",
+                        backend: str = "eager", engine_dir: str | Path | None = None,
+                        size: tuple[int, int] | None = None, frame_num: int | None = None) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
-        (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels."""
-        from wanrt.models.loading import load
-        from wanrt.runtime.backends import eager
+        (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
+
+        backend 'onnxruntime' | 'aoti' | 'tensorrt' runs the graphs of `engine_dir` instead (size
+        (W, H) and frame_num select one of its profiles; path, if given, must be the checkpoint the
+        engines were built from). Such a pipeline is fixed to its profile's size and frame count."""
+        from wanrt.runtime.backends import eager, from_engine_dir
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if backend != "eager":
+            if engine_dir is None:
+                raise InputError(f"backend {backend!r} needs an engine dir (--engine_dir)")
+            w, h = size if size is not None else (None, None)
+            backends, config, tokenizer, target = from_engine_dir(
+                engine_dir, backend, device, w, h, frame_num, None if path is None else str(path))
+            return cls(backends, config, tokenizer, device, attention=attention, kernels=kernels, target=target)
+        from wanrt.models.loading import load
+
+        if path is None:
+            raise InputError("a checkpoint path (or 'tiny') is needed for the eager backend")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None)
@@ -205,15 +243,25 @@ class FLF2VPipeline:
             return self.generate(first_frame, last_frame, prompt, **kwargs)
 
     def generate(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
-                 max_area: int = 1280 * 720, frame_num: int = 81, sample_steps: int = 50,
+                 max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
                  seed: int = 0, progress: bool = True, decode: bool = True) -> Video:
+        """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's).
+        decode=False skips the VAE decode (multi-process runs decode on rank 0 only)."""
+        notes: list[str] = []
+        frame_num, max_area = self._resolve_target(frame_num, max_area)
         validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         first, last = load_image(first_frame), load_image(last_frame)
         last = match_last_frame(first, last)
-        lat_h, lat_w = target_size(first.shape[1], first.shape[2], max_area)
+        if self.target is not None:
+            first, last, note = crop_to_aspect(first, last, self.target.width, self.target.height)
+            if note:
+                notes.append(note)
+            lat_h, lat_w = self.target.height // 8, self.target.width // 8
+        else:
+            lat_h, lat_w = target_size(first.shape[1], first.shape[2], max_area)
         if lat_h < 2 or lat_w < 2:
             raise InputError(f"max_area {max_area} is too small for a {first.shape[2]}x{first.shape[1]} frame")
         patch = self.config.dit.patch_size
@@ -253,7 +301,18 @@ class FLF2VPipeline:
         timings["vae_decode"] = time.perf_counter() - t0
         frames = to_uint8_frames(video)
         timings["total"] = time.perf_counter() - t_start
-        return Video(frames=frames, fps=FPS, timings=timings, seed=seed)
+        return Video(frames=frames, fps=FPS, timings=timings, seed=seed, notes=notes)
+
+    def _resolve_target(self, frame_num: int | None, max_area: int | None) -> tuple[int, int]:
+        if self.target is None:
+            return frame_num or 81, max_area or 1280 * 720
+        t = self.target
+        if frame_num is not None and frame_num != t.frame_num:
+            raise InputError(f"the engine was built for {t.frame_num} frames; frame_num {frame_num} contradicts it "
+                             "(rebuild the engine for that frame count)")
+        if max_area is not None and max_area != t.width * t.height:
+            raise InputError(f"the engine was built for {t.width}*{t.height}; size area {max_area} contradicts it")
+        return t.frame_num, t.width * t.height
 
     def denoise(self, latent: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, *,
                 sample_steps: int, sample_shift: float, guide_scale: float, sample_solver: str,
