@@ -92,10 +92,10 @@ def test_dit_parity(engine, models):
 
 def test_vae_chunk_loop_parity(engine, models):
     from wanrt.models.vae import decode_chunks, encode_chunks
-    from wanrt.runtime.onnxruntime import ORTVAE
+    from wanrt.runtime.backends import GraphVAE
 
     m = Manifest.load(engine)
-    vae = ORTVAE(*(Graph(m, n, TARGET, torch.device("cpu"))
+    vae = GraphVAE(*(Graph(m, n, TARGET, torch.device("cpu"))
                    for n in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")))
     video = torch.rand(1, 3, 9, 48, 64) * 2 - 1
     with torch.no_grad():
@@ -165,10 +165,10 @@ def test_rerun_skips_and_crash_leaves_honest_manifest(engine, tiny_official, tmp
 
     real_write = onnx_export.write
 
-    def failing(model, weights, fetch, path, **kw):
+    def failing(proto, weights, fetch, path, **kw):
         if path.name == "dit.onnx":
             raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C
-        return real_write(model, weights, fetch, path, **kw)
+        return real_write(proto, weights, fetch, path, **kw)
 
     monkeypatch.setattr(onnx_export, "write", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -235,3 +235,45 @@ def test_trt_op_list_matches_spec():
         pytest.skip("../shared/spec is not present in this checkout")
     ours = Path(__import__("wanrt.export.onnx").export.onnx.__file__).with_name("trt_ops.txt")
     assert ours.read_text() == spec.read_text()
+
+
+def _trace_14b(num_layers):
+    import collections
+    import dataclasses
+
+    from wanrt.export import onnx as onnx_export
+    from wanrt.export.graphs import build_graph, example_inputs
+    from wanrt.models.config import WanConfig
+
+    cfg = WanConfig.flf2v_14b()
+    cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, num_layers=num_layers))
+    target = Target(1280, 720, 81)
+    spec = graph_specs(cfg, target)["dit"]
+    proto, weights = onnx_export.trace(build_graph("dit", cfg, target, "bf16"), spec, example_inputs(spec))
+    io = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(proto.graph.input)[:5]}
+    out = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.output}
+    return collections.Counter(n.op_type for n in proto.graph.node), io, out, weights
+
+
+def _check_14b(ops, io, out, weights, layers):
+    assert io == {"x": [2, 16, 21, 90, 160], "t": [2], "context": [2, 512, 4096], "clip_fea": [2, 514, 1280],
+                  "y": [2, 20, 21, 90, 160]}
+    assert out == {"velocity": [2, 16, 21, 90, 160]}
+    assert set(ops) <= trt_supported_ops()
+    assert ops["Softmax"] == 3 * layers  # self-attention + two cross-attentions per block: the fusable pattern
+    assert ops["Conv"] == 1 and "SplitToSequence" not in ops
+    assert "net.blocks.0.self_attn.q.weight" in weights and "rope_cos" in weights  # weights keep their names
+
+
+def test_14b_dit_graph_structure():
+    """The real 14B widths at 1280*720x81, traced on the meta device (no weights), 2 of the 40 identical
+    blocks to keep it fast; the full depth is test_14b_dit_graph_structure_full (slow)."""
+    ops, io, out, weights = _trace_14b(2)
+    _check_14b(ops, io, out, weights, 2)
+
+
+@pytest.mark.slow
+def test_14b_dit_graph_structure_full():
+    ops, io, out, weights = _trace_14b(40)  # ~3 min on 2 cores, <1 GB RSS
+    _check_14b(ops, io, out, weights, 40)
+    assert len(weights) == 1307

@@ -259,6 +259,53 @@ def export(
         _fail(e, debug)
 
 
+@app.command(help="Build engines once: TensorRT plans (from the exported ONNX) or AOTInductor packages, for one "
+                  "size and frame count; run again with another --size to add a profile to the same engine dir.")
+def build(
+    ckpt_dir: Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")],
+    out: Annotated[str, typer.Option("--out", help="Engine dir (manifest.json, onnx/, engines/).")],
+    backend: Annotated[str, typer.Option("--backend", help="tensorrt or aoti.")] = "tensorrt",
+    size: Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")] = "1280*720",
+    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num")] = 81,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt).")] = "bf16",
+    components: Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")
+                          ] = "t5,clip,dit,vae_encoder,vae_decoder",
+    batch: Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")] = 2,
+    device: Annotated[str | None, typer.Option("--device", help="aoti: cpu or cuda (default: cuda if any).")] = None,
+    attention: Annotated[str, typer.Option("--attention", help="aoti: sdpa or flash (Triton).")] = "sdpa",
+    workspace_gb: Annotated[float, typer.Option("--workspace_gb", help="tensorrt builder workspace.")] = 8.0,
+    opt_level: Annotated[int, typer.Option("--opt_level", help="tensorrt builder optimisation level 0-5.")] = 3,
+    strip_weights: Annotated[bool, typer.Option("--strip_weights", help="tensorrt: weight-stripped plans, "
+                                                "refitted from the ONNX at load.")] = False,
+    calib_steps: Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")] = 4,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
+    debug: Annotated[bool, typer.Option("--debug")] = False,
+) -> None:
+    try:
+        from wanrt.engine import build as run_build
+        from wanrt.export.specs import Target
+
+        w, h = parse_size(size)
+        target = Target(w, h, frame_num, batch)
+        parts = [c.strip() for c in components.split(",") if c.strip()]
+        t0 = time.perf_counter()
+        options = {}
+        if backend == "tensorrt":
+            from wanrt.engine.tensorrt import require
+
+            require()  # one clear line before any export work when TensorRT is absent
+            options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights)
+            if precision == "fp8" and "dit" in parts:
+                from wanrt.export.fp8 import calibrate_to
+
+                calibrate_to(ckpt_dir, out, target, steps=calib_steps, log=typer.echo)
+        run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
+                  force=force, log=typer.echo, attention=attention, **options)
+        typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")
+    except _known_errors() as e:
+        _fail(e, debug)
+
+
 @app.command(help="Show which backends are usable on this machine, and why the others are not.")
 def doctor() -> None:
     from wanrt.doctor import report

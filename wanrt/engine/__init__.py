@@ -1,0 +1,130 @@
+"""`wanrt build`: compiled engines per target in an engine dir, recorded in its manifest.
+
+- tensorrt: plans built from the exported ONNX (exported first when missing), one per graph.
+- aoti: AOTInductor packages compiled from the PyTorch graphs for the target device.
+Files: ENGINE_DIR/engines/<backend>/<...>/<graph>.{plan,pt2}; manifest section "engines", keyed
+"<backend>:<graph>[@WxHxF]", with the library versions and device each was built for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from wanrt.export import COMPONENTS, GRAPHS, graph_file, graph_key
+from wanrt.export.specs import Target, graph_specs, resolution_dependent
+
+BACKENDS = ("tensorrt", "aoti")
+
+
+def engine_key(backend: str, graph: str, target: Target) -> str:
+    return f"{backend}:{graph_key(graph, target)}"
+
+
+def engine_file(backend: str, graph: str, target: Target, device: str = "") -> str:
+    sub = target.tag if resolution_dependent(graph) else "shared"
+    if backend == "aoti":
+        return f"engines/aoti/{device}/{sub}/{graph}.pt2"
+    return f"engines/tensorrt/{sub}/{graph}.plan"
+
+
+def build(ckpt_dir: str | Path, out: str | Path, target: Target, backend: str = "aoti", precision: str = "bf16",
+          components=COMPONENTS, device: str | None = None, force: bool = False,
+          log: Callable[[str], None] = print, attention: str = "sdpa", **trt_options):
+    """Build `backend` engines of `components` for `target` into the engine dir `out`; returns its Manifest."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown build backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from .tensorrt import require
+
+        require()  # fail at once, before any export work
+        return _build_tensorrt(ckpt_dir, Path(out), target, precision, components, force, log, trt_options)
+    return _build_aoti(ckpt_dir, Path(out), target, precision, components, device, force, log, attention)
+
+
+def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, force, log, attention):
+    from wanrt.engine.manifest import Manifest
+    from wanrt.export import _copy_tokenizer
+    from wanrt.export.graphs import graph_module
+    from wanrt.models.loading import Checkpoint, load
+
+    from .aoti import compile_package
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"aoti builds fp32 or bf16 (got {precision!r}); fp8 engines are a TensorRT feature")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = Checkpoint(ckpt_dir)
+    cfg = ckpt.config
+    specs = graph_specs(cfg, target)
+    manifest = Manifest.open(out)
+    manifest.init(checkpoint={"path": str(ckpt.folder), "layout": ckpt.layout, "fingerprint": ckpt.fingerprint()},
+                  config=dataclasses.asdict(cfg), precision=precision, batch=target.batch)
+    manifest.add_profile(target.tag, target.width, target.height, target.frame_num)
+    _copy_tokenizer(ckpt, out)
+    manifest.save()
+    facts = {"device": dev.type, "torch": torch.__version__, "attention": attention,
+             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+    todo = []
+    for c in components:
+        for g in GRAPHS[c]:
+            key = engine_key("aoti", g, target)
+            if not force and manifest.is_current("engines", key, spec=specs[g].to_dict(), **facts):
+                log(f"{key}: up to date")
+            else:
+                todo.append((c, g))
+    if not todo:
+        return manifest
+    needed = {"t5": "text_encoder", "clip": "image_encoder", "dit": "dit", "vae_encoder": "vae", "vae_decoder": "vae"}
+    models = load(ckpt_dir, device=dev, dtype=torch.bfloat16 if precision == "bf16" else None,
+                  components=sorted({needed[c] for c, _ in todo}))
+    for _component, graph in todo:
+        key = engine_key("aoti", graph, target)
+        rel = engine_file("aoti", graph, target, dev.type)
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"{key}: compiling with AOTInductor for {dev.type}")
+        t0 = time.perf_counter()
+        compile_package(graph_module(graph, models, target), specs[graph], path, dev, attention)
+        seconds = round(time.perf_counter() - t0, 1)
+        manifest.record("engines", key, [rel], backend="aoti", graph=graph, spec=specs[graph].to_dict(),
+                        build_seconds=seconds, **facts)
+        log(f"{key}: {rel} ({path.stat().st_size / 1e6:.1f} MB, {seconds} s)")
+    return manifest
+
+
+def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, log, options):
+    from wanrt.export import export
+
+    from . import tensorrt as trt_build
+
+    manifest = export(ckpt_dir, out, target, precision=precision, components=components, force=force, log=log)
+    specs = {k: v for k, v in graph_specs(_config(manifest), target).items()}
+    cache = out / "engines" / "tensorrt" / "timing.cache"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    for component in components:
+        for graph in GRAPHS[component]:
+            key = engine_key("tensorrt", graph, target)
+            settings = trt_build.settings_for(specs[graph], **options)
+            onnx_rel = graph_file(graph, target)
+            onnx_sha = manifest.entry("graphs", graph_key(graph, target))["files"][onnx_rel]
+            if not force and manifest.is_current("engines", key, settings=settings.to_dict(), onnx_sha256=onnx_sha):
+                log(f"{key}: up to date")
+                continue
+            rel = engine_file("tensorrt", graph, target)
+            path = out / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            facts = trt_build.build_plan(out / onnx_rel, path, specs[graph], settings, cache, log)
+            manifest.record("engines", key, [rel], backend="tensorrt", graph=graph, spec=specs[graph].to_dict(),
+                            settings=settings.to_dict(), onnx=onnx_rel, onnx_sha256=onnx_sha, **facts)
+            log(f"{key}: {rel} ({facts['plan_bytes'] / 1e6:.1f} MB, {facts['build_seconds']} s)")
+    return manifest
+
+
+def _config(manifest):
+    from wanrt.models.config import WanConfig
+
+    return WanConfig.from_dict(manifest.data["config"])

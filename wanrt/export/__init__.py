@@ -69,18 +69,17 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             t0 = time.perf_counter()
             log(f"{key}: tracing")
             module = build_graph(graph, cfg, target, precision)
-            model, weights = onnx_export.trace(module, spec, example_inputs(spec))
+            proto, weights = onnx_export.trace(module, spec, example_inputs(spec))
+            fetch = _fetcher(ckpt, component, module)
             if precision == "fp8" and graph == "dit":
                 from .fp8 import insert_qdq
 
-                scales = calibration or _calibration(out)
-                weights = insert_qdq(model, weights, scales)
-            fetch = _fetcher(ckpt, component, module, precision if graph == "dit" else None, calibration)
+                proto, weights, fetch = insert_qdq(proto, weights, fetch, calibration or _calibration(out))
             log(f"{key}: writing weights")
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             kw = {} if inline_limit is None else {"inline_limit": inline_limit}
-            info = onnx_export.write(model, weights, fetch, path, **kw)
+            info = onnx_export.write(proto, weights, fetch, path, **kw)
             checked = onnx_export.check_graph(path)
             files = [str(Path(rel).parent / f) for f in info["files"]]
             profile = target.tag if resolution_dependent(graph) else None
@@ -92,7 +91,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     return manifest
 
 
-def _fetcher(ckpt, component: str, module: torch.nn.Module, dit_precision: str | None, calibration):
+def _fetcher(ckpt, component: str, module: torch.nn.Module):
     """name -> tensor for the graph's initializers: checkpoint weights under `net.`, else derived values."""
     from wanrt.models.checkpoint import tied_names
 
@@ -103,10 +102,6 @@ def _fetcher(ckpt, component: str, module: torch.nn.Module, dit_precision: str |
     def fetch(name: str) -> torch.Tensor:
         if name in derived:
             return derived[name]
-        if name.startswith("fp8."):  # quantised weights and their scales (see fp8.py)
-            from .fp8 import fp8_tensor
-
-            return fp8_tensor(name, weights, calibration)
         key = name.removeprefix("net.")
         key = next((k for k in ties.get(key, [key]) if k in weights), key)  # tied weights: any stored name
         return weights[key] if isinstance(weights, dict) else weights.read(key)

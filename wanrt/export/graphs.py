@@ -31,6 +31,9 @@ class DiTGraph(nn.Module):
         device = net.patch_embedding.weight.device
         self.register_buffer("rope_cos", torch.empty(n, half, device=device))
         self.register_buffer("rope_sin", torch.empty(n, half, device=device))
+        if device.type != "meta":  # a graph over loaded weights (AOTInductor): the real tables now
+            d = self.derived()
+            self.rope_cos, self.rope_sin = d["rope_cos"].to(device), d["rope_sin"].to(device)
 
     def derived(self) -> dict[str, torch.Tensor]:
         base = self.net.derived_buffers("cpu")
@@ -109,6 +112,20 @@ def build_graph(graph: str, cfg: WanConfig, target: Target, precision: str, devi
         if graph.startswith("vae_"):
             kind = "encoder" if graph.startswith("vae_encoder") else "decoder"
             return VAEChunkGraph(WanVAE(cfg.vae), kind, first=graph.endswith("_first")).eval()
+    raise ValueError(f"unknown graph {graph!r}")
+
+
+def graph_module(graph: str, models, target: Target) -> nn.Module:
+    """The export module of `graph` over already loaded models (wanrt.models.load), e.g. for AOTInductor."""
+    if graph == "dit":
+        return DiTGraph(models.dit, target).eval()
+    if graph == "t5":
+        return T5Graph(models.text_encoder.model).eval()
+    if graph == "clip":
+        return CLIPGraph(models.image_encoder.model).eval()
+    if graph.startswith("vae_"):
+        kind = "encoder" if graph.startswith("vae_encoder") else "decoder"
+        return VAEChunkGraph(models.vae, kind, first=graph.endswith("_first")).eval()
     raise ValueError(f"unknown graph {graph!r}")
 
 

@@ -42,9 +42,9 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def trace(module: torch.nn.Module, spec: GraphSpec, args: tuple, opset: int = OPSET):
-    """Dynamo-export `module` (meta weights) -> optimised onnx_ir model whose weights are graph inputs.
+    """Dynamo-export `module` (meta weights) -> optimised ModelProto whose weights are graph inputs.
 
-    Returns (model, weight_names): weight_names are the initializer names (module FQNs) still used.
+    Returns (ModelProto, weight_names): weight_names are the weight inputs (module FQNs) still used.
     """
     import onnxscript.optimizer
 
@@ -68,18 +68,18 @@ def trace(module: torch.nn.Module, spec: GraphSpec, args: tuple, opset: int = OP
     weights = [w for w in weights if w in used]
     if [v.name for v in model.graph.inputs][: len(names_in)] != names_in:
         raise RuntimeError(f"exported inputs {[v.name for v in model.graph.inputs]} do not start with {names_in}")
-    return model, weights
-
-
-def write(model, weights: list[str], fetch: Callable[[str], torch.Tensor], path: Path,
-          inline_limit: int = INLINE_LIMIT) -> dict:
-    """Attach the weights (fetched one by one, cast to the graph's dtype) as initializers and save
-    `path` atomically. Returns {"files": [...], "bytes": total weight bytes}.
-    """
-    import onnx
     from onnxscript import ir
 
-    proto = ir.serde.serialize_model(model)
+    return ir.serde.serialize_model(model), weights
+
+
+def write(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], path: Path,
+          inline_limit: int = INLINE_LIMIT) -> dict:
+    """Attach the weights (graph inputs of `proto`, fetched one by one, cast to the graph's dtype) as
+    initializers and save `path` atomically. Returns {"files": [...], "bytes": total weight bytes}.
+    """
+    import onnx
+
     graph = proto.graph
     by_name = {i.name: i for i in graph.input}
     # shapes/dtypes the graph expects for each weight

@@ -83,6 +83,50 @@ def eager(models: WanModels) -> Backends:
 
 
 ENGINE_BACKENDS = ("onnxruntime", "aoti", "tensorrt")
+GRAPH_NAMES = ("t5", "clip", "dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
+
+
+class GraphTextEncoder:
+    """A batch-1 text graph applied row by row (prompts are encoded once and cached by the pipeline)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __call__(self, ids, mask):
+        return torch.cat([self.graph(ids[i:i + 1], mask[i:i + 1])[0] for i in range(ids.shape[0])])
+
+
+class GraphSingle:
+    """A graph with one output, called like the module it replaces."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __call__(self, *tensors):
+        return self.graph(*tensors)[0]
+
+
+class GraphVAE:
+    """The four VAE chunk graphs as a VAEBackend (first chunk: no caches in)."""
+
+    def __init__(self, enc_first, enc, dec_first, dec):
+        self.enc_first, self.enc, self.dec_first, self.dec = enc_first, enc, dec_first, dec
+
+    def encode_chunk(self, x, caches):
+        out = self.enc_first(x) if caches is None else self.enc(x, *caches)
+        return out[0], out[1:]
+
+    def decode_chunk(self, z, caches):
+        out = self.dec_first(z) if caches is None else self.dec(z, *caches)
+        return out[0], out[1:]
+
+
+def graph_backends(graphs: dict):
+    """(text_encoder, image_encoder, dit, vae) from graph callables `graph(*inputs) -> [outputs]` (any
+    engine: ONNX Runtime sessions, AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES."""
+    return (GraphTextEncoder(graphs["t5"]), GraphSingle(graphs["clip"]), GraphSingle(graphs["dit"]),
+            GraphVAE(graphs["vae_encoder_first"], graphs["vae_encoder"], graphs["vae_decoder_first"],
+                     graphs["vae_decoder"]))
 
 
 def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int | None = None,

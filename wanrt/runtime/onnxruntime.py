@@ -14,6 +14,7 @@ import torch
 from wanrt.engine.manifest import EngineError, Manifest
 from wanrt.export import graph_file, graph_key
 from wanrt.export.specs import GraphSpec, Target
+from wanrt.runtime.backends import GRAPH_NAMES, graph_backends
 
 
 def providers(device: torch.device) -> list[str]:
@@ -56,37 +57,6 @@ class Graph:
         return [torch.from_numpy(np.ascontiguousarray(o)).to(self.device) for o in outs]
 
 
-class ORTTextEncoder:
-    """Batch-1 graph applied row by row (prompts are encoded once and cached by the pipeline)."""
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-
-    def __call__(self, ids, mask):
-        return torch.cat([self.graph(ids[i:i + 1], mask[i:i + 1])[0] for i in range(ids.shape[0])])
-
-
-class ORTSingle:
-    def __init__(self, graph: Graph):
-        self.graph = graph
-
-    def __call__(self, *tensors):
-        return self.graph(*tensors)[0]
-
-
-class ORTVAE:
-    def __init__(self, enc_first: Graph, enc: Graph, dec_first: Graph, dec: Graph):
-        self.enc_first, self.enc, self.dec_first, self.dec = enc_first, enc, dec_first, dec
-
-    def encode_chunk(self, x, caches):
-        out = self.enc_first(x) if caches is None else self.enc(x, *caches)
-        return out[0], out[1:]
-
-    def decode_chunk(self, z, caches):
-        out = self.dec_first(z) if caches is None else self.dec(z, *caches)
-        return out[0], out[1:]
-
-
 def load_graphs(root: str | Path, target: Target, device: torch.device, threads: int = 0):
     """text_encoder, image_encoder, dit, vae backends for `target` from the engine dir."""
     m = Manifest.load(root)
@@ -94,5 +64,4 @@ def load_graphs(root: str | Path, target: Target, device: torch.device, threads:
     def g(name):
         return Graph(m, name, target, device, threads)
 
-    return (ORTTextEncoder(g("t5")), ORTSingle(g("clip")), ORTSingle(g("dit")),
-            ORTVAE(g("vae_encoder_first"), g("vae_encoder"), g("vae_decoder_first"), g("vae_decoder")))
+    return graph_backends({n: g(n) for n in GRAPH_NAMES})

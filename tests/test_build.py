@@ -1,0 +1,202 @@
+"""`wanrt build`: AOTInductor packages built and run on the CPU, manifest checks, and the TensorRT
+builder's pure-Python parts (TensorRT itself cannot be installed here; tests that need it skip)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wanrt.engine import build, engine_file, engine_key
+from wanrt.engine.manifest import EngineError, Manifest
+from wanrt.export.specs import Target, graph_specs
+from wanrt.models.config import WanConfig
+from wanrt.pipeline import FLF2VPipeline
+
+TARGET = Target(64, 48, 9)
+
+
+@pytest.fixture(scope="module")
+def aoti_dir(tiny_official, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aoti")
+    build(tiny_official, out, TARGET, backend="aoti", precision="fp32", device="cpu", log=lambda s: None)
+    return out
+
+
+def test_aoti_video_matches_eager(aoti_dir, tiny_official):
+    from wanrt.metrics import psnr
+    from wanrt.samples import sample_frames
+
+    a, b = sample_frames()
+    kw = dict(sample_steps=4, seed=5, progress=False)
+    eager = FLF2VPipeline.from_pretrained(tiny_official)(a, b, "a bird", max_area=64 * 48, frame_num=9, **kw)
+    pipe = FLF2VPipeline.from_pretrained(tiny_official, backend="aoti", engine_dir=aoti_dir, device="cpu")
+    video = pipe(a, b, "a bird", **kw)
+    value = psnr(video.frames, eager.frames)
+    print(f"\nAOTInductor (cpu) vs eager video: PSNR {value:.1f} dB")
+    assert value >= 40.0 and pipe.backends.names["dit"] == "aoti"
+
+
+def test_manifest_records_the_builds(aoti_dir):
+    m = Manifest.load(aoti_dir)
+    e = m.entry("engines", engine_key("aoti", "dit", TARGET))
+    assert e["device"] == "cpu" and e["torch"] == torch.__version__ and e["build_seconds"] > 0
+    rel = engine_file("aoti", "dit", TARGET, "cpu")
+    assert list(e["files"]) == [rel] and (aoti_dir / rel).is_file()
+    lines = []
+    build(m.data["checkpoint"]["path"], aoti_dir, TARGET, backend="aoti", precision="fp32", device="cpu",
+          log=lines.append)
+    assert len(lines) == 7 and all(line.endswith("up to date") for line in lines)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("wanrt", "0.0.1", "built by wanrt 0.0.1"),
+    ("torch", "1.0", "compiled by torch 1.0"),
+    ("device", "cuda", "compiled for cuda, not cpu"),
+])
+def test_manifest_mismatch_is_refused(aoti_dir, tmp_path, field, value, match):
+    copy = shutil.copytree(aoti_dir, tmp_path / "eng")
+    data = json.loads((copy / "manifest.json").read_text())
+    if field == "wanrt":
+        data["versions"]["wanrt"] = value
+    else:
+        for e in data["engines"].values():
+            e[field] = value
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match=match) as err:
+        FLF2VPipeline.from_pretrained(backend="aoti", engine_dir=copy, device="cpu")
+    assert "wanrt build --backend aoti --force" in str(err.value)
+
+
+def test_corrupted_package_is_never_loaded(aoti_dir, tmp_path, monkeypatch):
+    copy = shutil.copytree(aoti_dir, tmp_path / "eng")
+    f = copy / engine_file("aoti", "vae_decoder", TARGET, "cpu")
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    loaded = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda p: loaded.append(p))
+    with pytest.raises(EngineError, match="vae_decoder.pt2 does not match its sha256"):
+        FLF2VPipeline.from_pretrained(backend="aoti", engine_dir=copy, device="cpu")
+    assert all("vae_decoder.pt2" not in str(p) for p in loaded)
+
+
+def test_aoti_rejects_fp8(tiny_official, tmp_path):
+    with pytest.raises(ValueError, match="fp8 engines are a TensorRT feature"):
+        build(tiny_official, tmp_path, TARGET, backend="aoti", precision="fp8")
+
+
+# ------------------------------------------------------------------------------ TensorRT, pure Python
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def test_import_wanrt_does_not_import_tensorrt():
+    import subprocess
+    import sys
+
+    code = "import sys, wanrt, wanrt.engine, wanrt.engine.tensorrt, wanrt.cli; print('tensorrt' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_build_tensorrt_fails_at_once_without_tensorrt(tiny_official, tmp_path):
+    if _has_tensorrt():
+        pytest.skip("tensorrt is installed here")
+    from wanrt.cli import app
+
+    r = CliRunner().invoke(app, ["build", "--backend", "tensorrt", "--ckpt_dir", str(tiny_official), "--out",
+                                 str(tmp_path / "eng"), "--size", "64*48", "--frame_num", "9"])
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not usable here")
+    assert not (tmp_path / "eng").exists()  # no export work was done
+
+
+def test_trt_settings_from_the_spec():
+    from wanrt.engine.tensorrt import settings_for
+
+    spec = graph_specs(WanConfig.flf2v_14b(), Target(1280, 720, 81))["dit"]
+    s = settings_for(spec, workspace_gb=16, optimization_level=4)
+    assert s.profile["x"] == ((2, 16, 21, 90, 160),) * 3  # static: min = opt = max
+    assert s.profile["context"] == ((2, 512, 4096),) * 3 and s.outputs == {"velocity": (2, 16, 21, 90, 160)}
+    assert s.workspace_bytes == 16 << 30 and s.optimization_level == 4 and not s.strip_weights
+    with pytest.raises(ValueError, match="optimization level"):
+        settings_for(spec, optimization_level=7)
+    assert json.loads(json.dumps(s.to_dict()))["profile"]["t"] == [[2], [2], [2]]
+
+
+class _Recorder:
+    """A recording stand-in for the TensorRT builder objects (no TensorRT behaviour is simulated: it only
+    records which API calls our configuration code makes)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def record(*args, **kw):
+            self.calls.append((name, args))
+            return self
+
+        return record
+
+
+def test_trt_config_sets_no_precision_flags():
+    from wanrt.engine.tensorrt import configure, settings_for
+
+    spec = graph_specs(WanConfig.tiny(), TARGET)["dit"]
+    flags = SimpleNamespace(TF32="TF32", STRIP_PLAN="STRIP_PLAN", REFIT_IDENTICAL="REFIT_IDENTICAL",
+                            FP16="FP16", BF16="BF16", FP8="FP8", INT8="INT8")
+    trt = SimpleNamespace(BuilderFlag=flags, MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
+    builder = _Recorder()
+    configure(trt, builder, None, settings_for(spec, strip_weights=True), None)
+    names = [c for c in builder.calls]
+    set_flags = [a[0] for n, a in names if n == "set_flag"]
+    assert set_flags == ["STRIP_PLAN", "REFIT_IDENTICAL"]  # never FP16/BF16/FP8/INT8: precision is in the graph
+    assert ("clear_flag", ("TF32",)) in names
+    shapes = {a[0]: a[1:] for n, a in names if n == "set_shape"}
+    assert shapes["y"] == ((2, 20, 3, 6, 8),) * 3 and set(shapes) == {t.name for t in spec.inputs}
+    assert ("set_memory_pool_limit", ("WORKSPACE", 8 << 30)) in names
+
+
+def test_trt_network_io_check():
+    from wanrt.engine.tensorrt import check_network
+
+    spec = graph_specs(WanConfig.tiny(), TARGET)["clip"]
+
+    class Net:
+        def __init__(self, shape):
+            self.num_inputs, self.num_outputs = 1, 1
+            self.shape = shape
+
+        def get_input(self, i):
+            return SimpleNamespace(name="pixels", shape=self.shape)
+
+        def get_output(self, i):
+            return SimpleNamespace(name="clip_tokens", shape=(2, 17, 160))
+
+    check_network(Net((2, 3, 32, 32)), spec)
+    with pytest.raises(ValueError, match="does not match the spec"):
+        check_network(Net((1, 3, 32, 32)), spec)
+
+
+@pytest.mark.skipif(not _has_tensorrt(), reason="TensorRT is not installed (its wheels cannot be downloaded here)")
+@pytest.mark.gpu
+def test_tensorrt_build_and_run(tiny_official, tmp_path):
+    from wanrt.metrics import psnr
+    from wanrt.samples import sample_frames
+
+    build(tiny_official, tmp_path, TARGET, backend="tensorrt", precision="fp32", log=lambda s: None)
+    a, b = sample_frames()
+    kw = dict(sample_steps=4, seed=5, progress=False)
+    ref = FLF2VPipeline.from_pretrained(tiny_official, dtype=torch.float32)(a, b, "x", max_area=64 * 48,
+                                                                           frame_num=9, **kw)
+    out = FLF2VPipeline.from_pretrained(backend="tensorrt", engine_dir=tmp_path)(a, b, "x", **kw)
+    assert psnr(out.frames, ref.frames) >= 40

@@ -1,0 +1,59 @@
+"""AOTInductor packages: the same graphs as the ONNX export (wanrt.export.graphs), compiled ahead of
+time by torch._inductor for the target device (cpu here, cuda on a GPU machine) into .pt2 packages
+that load without Python model code or compilation."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from wanrt.export.specs import GraphSpec
+
+DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def example_inputs(spec: GraphSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Real (zero) inputs on the device: AOTInductor traces with real tensors. Timesteps must index the table."""
+    return tuple(torch.zeros(t.shape, dtype=DTYPES[t.dtype], device=device) for t in spec.inputs)
+
+
+def compile_package(module: torch.nn.Module, spec: GraphSpec, path: Path, device: torch.device,
+                    attention: str = "sdpa") -> None:
+    """torch.export + aoti_compile_and_package of `module` (real weights on `device`) -> `path`, atomically."""
+    from wanrt.kernels import attention as attention_seam
+    from wanrt.kernels import fused
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.pt2")
+    args = example_inputs(spec, device)
+    try:
+        with warnings.catch_warnings(), attention_seam.use(attention), fused.use("torch"), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, args, strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class AOTIGraph:
+    """A loaded package: `graph(*tensors) -> list[torch.Tensor]` in spec order, shapes checked."""
+
+    def __init__(self, path: Path, spec: GraphSpec, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.runner = torch._inductor.aoti_load_package(str(path))
+
+    @torch.no_grad()
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        args = []
+        for s, t in zip(self.spec.inputs, tensors):
+            if tuple(t.shape) != s.shape:
+                raise ValueError(f"{self.spec.name}: input {s.name} has shape {tuple(t.shape)}, "
+                                 f"the engine was built for {s.shape}")
+            args.append(t.to(self.device, DTYPES[s.dtype]).contiguous())
+        out = self.runner(*args)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
