@@ -28,3 +28,29 @@ def tiny_diffusers(tmp_path_factory):
     from wanrt.models import tiny
 
     return tiny.write(tmp_path_factory.mktemp("tiny_diffusers"), layout="diffusers", seed=0, dit_shards=2)
+
+
+TINY_TARGET = (64, 48, 9)  # the engine target of the shared engine fixtures (4:3 like the sample frames)
+
+
+@pytest.fixture(scope="session")
+def ort_engine(tiny_official, tmp_path_factory):
+    """fp32 ONNX graphs of the tiny checkpoint (the onnxruntime backend's engine dir)."""
+    from wanrt.export import export
+    from wanrt.export.specs import Target
+
+    out = tmp_path_factory.mktemp("ort_engine")
+    export(tiny_official, out, Target(*TINY_TARGET), precision="fp32", log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def aoti_engine(tiny_official, tmp_path_factory):
+    """fp32 AOTInductor packages of the tiny checkpoint for the CPU (~2 minutes on 2 cores)."""
+    from wanrt.engine import build
+    from wanrt.export.specs import Target
+
+    out = tmp_path_factory.mktemp("aoti_engine")
+    build(tiny_official, out, Target(*TINY_TARGET), backend="aoti", precision="fp32", device="cpu",
+          log=lambda s: None)
+    return out

@@ -74,9 +74,7 @@ def denoise(dit, inputs: dict[str, torch.Tensor], steps: int = STEPS) -> torch.T
     scheduler = make_scheduler("unipc", 16.0)
     scheduler.set_timesteps(steps, device="cpu")
     step = CFGStep(dit, inputs["context"], inputs["clip_fea"], inputs["y"], 5.0, scheduler, inputs["latent"])
-    for k in range(len(scheduler.timesteps)):
-        step(k)
-    return step.latent.clone()
+    return step.run(cuda_graph=False).clone()
 
 
 def t5_inputs() -> tuple[torch.Tensor, torch.Tensor]:

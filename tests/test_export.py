@@ -29,10 +29,8 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_official, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine")
-    export(tiny_official, out, TARGET, precision="fp32", log=lambda s: None)
-    return out
+def engine(ort_engine):
+    return ort_engine
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +155,7 @@ def test_corrupted_graph_is_detected(engine, tmp_path):
 
 def test_rerun_skips_and_crash_leaves_honest_manifest(engine, tiny_official, tmp_path, monkeypatch):
     lines = []
-    export(tiny_official, engine, TARGET, precision="fp32", log=lines.append)
+    export(tiny_official, shutil.copytree(engine, tmp_path / "again"), TARGET, precision="fp32", log=lines.append)
     assert all(line.endswith("up to date") for line in lines) and len(lines) == 7
     # a crash while writing the DiT: the manifest lists what finished before, nothing else
     out = tmp_path / "eng"

@@ -59,6 +59,17 @@ def parse_size(size: str) -> tuple[int, int]:
     return w, h
 
 
+def parse_overrides(text: str) -> dict[str, str]:
+    """'vae=eager,dit=onnxruntime' -> {'vae': 'eager', 'dit': 'onnxruntime'}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name or not value:
+            raise CLIError(f"--override takes component=backend pairs (e.g. vae=eager), got {part!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def parse_dtype(name: str):
     import torch
 
@@ -118,6 +129,13 @@ def generate(
     backend: Annotated[str, typer.Option("--backend", help="eager, onnxruntime, aoti or tensorrt.")] = "eager",
     engine_dir: Annotated[str | None, typer.Option("--engine_dir", "--engine-dir",
                                                    help="Engine dir for a compiled backend.")] = None,
+    override: Annotated[str | None, typer.Option("--override", help="Per-component backends, e.g. "
+                                                 "'vae=eager,text_encoder=eager' (components: text_encoder, "
+                                                 "image_encoder, dit, vae).")] = None,
+    memory: Annotated[str, typer.Option("--memory", help="resident, sequential (T5/CLIP/VAE off the GPU while "
+                                        "the DiT runs) or t5_cpu.")] = "resident",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda_graphs/--no_cuda_graphs", "--cuda-graphs/--no-cuda-graphs",
+                                              help="Capture the denoising step as a CUDA graph.")] = True,
     attention: Annotated[str, typer.Option("--attention", help="sdpa, flash or sage (Triton kernels).")] = "sdpa",
     kernels: Annotated[str, typer.Option("--kernels", help="torch or triton (fused norm/RoPE kernels).")] = "torch",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -202,8 +220,10 @@ def generate(
             seed, out = run.on_main(decide)
             engine_options = dict(backend=backend, engine_dir=engine_dir, size=(w, h) if size_given else None,
                                   frame_num=frames_given) if engine else {}
+            if override:
+                engine_options["overrides"] = parse_overrides(override)
             pipe = load_pipeline(ckpt_dir, plan, run, device=device, dtype=parse_dtype(dtype), attention=attention,
-                                 kernels=kernels, **engine_options)
+                                 kernels=kernels, memory=memory, cuda_graphs=cuda_graphs, **engine_options)
             video = pipe(first, last, prompt, negative_prompt=negative_prompt,
                          max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
@@ -214,6 +234,8 @@ def generate(
                     typer.echo(f"note: {note}", err=True)
                 video.save(out)
                 t = video.timings
+                mixed = ", ".join(f"{c}={b}" for c, b in video.backends.items())
+                typer.echo(f"backends: {mixed}", err=True)
                 typer.echo(f"saved {out} ({video.frames.shape[0]} frames {video.frames.shape[2]}x"
                            f"{video.frames.shape[1]}, seed {seed}) in {t['total']:.2f} s: text "
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "

@@ -7,6 +7,7 @@ the Backend seam (wanrt/runtime/backends.py); this file never knows which backen
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Video:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     seed: int = 0
     notes: list[str] = field(default_factory=list)  # things the pipeline changed about the request
+    memory: dict[str, int] = field(default_factory=dict)  # peak bytes per stage (CUDA allocated, or RSS)
+    backends: dict[str, str] = field(default_factory=dict)  # which backend ran each component
 
     def save(self, path: str | Path) -> Path:
         return write_mp4(self.frames, path, fps=self.fps)
@@ -142,12 +145,21 @@ def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_sca
 
 
 class FLF2VPipeline:
-    """Loads once, serves many requests. Build with `from_pretrained`."""
+    """Loads once, serves many requests. Build with `from_pretrained`.
+
+    Thread safety: a pipeline owns one device, and calls are serialized: concurrent callers wait for
+    each other (a lock around each request), so N threads may share one pipeline. A request can be
+    cancelled between denoising steps (`cancel=threading.Event()`), and a request that fails (bad
+    input, cancellation, an error) leaves the pipeline ready for the next one: all per-request state
+    lives in the request.
+    """
 
     def __init__(self, backends: Backends, config: WanConfig, tokenizer, device: torch.device,
-                 text_cache_size: int = 16, attention: str = "sdpa", kernels: str = "torch", target=None):
+                 text_cache_size: int = 16, attention: str = "sdpa", kernels: str = "torch", target=None,
+                 memory: str = "resident", cuda_graphs: bool = True):
         from wanrt.kernels import attention as attention_seam
         from wanrt.kernels import fused as fused_seam
+        from wanrt.runtime.memory import MemoryPolicy
 
         attention_seam.check(attention)
         fused_seam.check(kernels)
@@ -159,38 +171,72 @@ class FLF2VPipeline:
         self.device = torch.device(device)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
+        self._lock = threading.Lock()
+        self.cuda_graphs = cuda_graphs
+        self.memory = memory if isinstance(memory, MemoryPolicy) else MemoryPolicy(memory)
+        self.memory.attach(backends.modules, self.device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, attention: str = "sdpa", kernels: str = "torch",
                         backend: str = "eager", engine_dir: str | Path | None = None,
-                        size: tuple[int, int] | None = None, frame_num: int | None = None) -> FLF2VPipeline:
+                        size: tuple[int, int] | None = None, frame_num: int | None = None,
+                        memory: str = "resident", cuda_graphs: bool = True,
+                        overrides: dict[str, str] | None = None) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
 
         backend 'onnxruntime' | 'aoti' | 'tensorrt' runs the graphs of `engine_dir` instead (size
         (W, H) and frame_num select one of its profiles; path, if given, must be the checkpoint the
-        engines were built from). Such a pipeline is fixed to its profile's size and frame count."""
-        from wanrt.runtime.backends import eager, from_engine_dir
+        engines were built from). Such a pipeline is fixed to its profile's size and frame count.
+        memory: 'resident' | 'sequential' | 't5_cpu' (see runtime/memory.py); cuda_graphs: capture the
+        denoising step as one CUDA graph on CUDA (False to compare). overrides: per-component backends,
+        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae)."""
+        from wanrt.runtime.backends import COMPONENTS, Backends, eager, from_engine_dir
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if backend != "eager":
+        choice = dict.fromkeys(COMPONENTS, backend) | dict(overrides or {})
+        unknown = sorted(set(choice) - set(COMPONENTS))
+        if unknown:
+            raise InputError(f"unknown component(s) {unknown} in the backend overrides; use {', '.join(COMPONENTS)}")
+        parts: dict = {}
+        config = tokenizer = target = None
+        for kind in sorted(set(choice.values()) - {"eager"}):
             if engine_dir is None:
-                raise InputError(f"backend {backend!r} needs an engine dir (--engine_dir)")
+                raise InputError(f"backend {kind!r} needs an engine dir (--engine_dir)")
             w, h = size if size is not None else (None, None)
-            backends, config, tokenizer, target = from_engine_dir(
-                engine_dir, backend, device, w, h, frame_num, None if path is None else str(path))
-            return cls(backends, config, tokenizer, device, attention=attention, kernels=kernels, target=target)
-        from wanrt.models.loading import load
+            got, config, tokenizer, target = from_engine_dir(
+                engine_dir, kind, device, w, h, frame_num, None if path is None else str(path),
+                components=[c for c in COMPONENTS if choice[c] == kind])
+            parts.update(got)
+        eager_parts = [c for c in COMPONENTS if choice[c] == "eager"]
+        models = None
+        if eager_parts:
+            from wanrt.models.loading import load
 
-        if path is None:
-            raise InputError("a checkpoint path (or 'tiny') is needed for the eager backend")
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None)
-        return cls(eager(models), models.config, models.text_encoder.tokenizer, device, attention=attention,
-                   kernels=kernels)
+            if path is None:
+                raise InputError("a checkpoint path (or 'tiny') is needed for the eager backend")
+            if dtype is None:
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            load_device = "cpu" if memory != "resident" else device  # offloaded models never all sit on the GPU
+            models = load(path, device=load_device, dtype=dtype if dtype != torch.float32 else None,
+                          components=eager_parts)
+            if memory != "resident" and models.dit is not None:
+                models.dit.to(device)
+            ours = eager(models)
+            parts.update({c: getattr(ours, c) for c in eager_parts})
+            config = config or models.config
+            tokenizer = tokenizer or (models.text_encoder.tokenizer if models.text_encoder else None)
+        if tokenizer is None:
+            from wanrt.models.loading import Checkpoint
+
+            tokenizer = Checkpoint(path).tokenizer()
+        modules = {} if models is None else ours.modules
+        backends = Backends(parts["text_encoder"], parts["image_encoder"], parts["dit"], parts["vae"],
+                            names=choice, modules=modules)
+        return cls(backends, config, tokenizer, device, attention=attention, kernels=kernels, target=target,
+                   memory=memory, cuda_graphs=cuda_graphs)
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -202,8 +248,9 @@ class FLF2VPipeline:
         if missing:
             enc = self.tokenizer([clean_prompt(p) for p in missing], padding="max_length", truncation=True,
                                  max_length=self.config.t5.text_len, add_special_tokens=True, return_tensors="pt")
-            out = self.backends.text_encoder(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-            for p, row in zip(missing, out):
+            where = self.memory.input_device("text_encoder")
+            out = self.backends.text_encoder(enc["input_ids"].to(where), enc["attention_mask"].to(where))
+            for p, row in zip(missing, out.to(self.device)):
                 self._text_cache[p] = row
         for p in prompts:
             self._text_cache.move_to_end(p)
@@ -236,18 +283,20 @@ class FLF2VPipeline:
     # -- request ------------------------------------------------------------------------------------
 
     def __call__(self, first_frame, last_frame, prompt: str, **kwargs) -> Video:
-        """Generate a video; see `generate` for the arguments."""
+        """Generate a video; see `generate` for the arguments. Requests are serialized per pipeline."""
         from wanrt.kernels import attention, fused
 
-        with torch.no_grad(), attention.use(self.attention), fused.use(self.kernels):
+        with self._lock, torch.no_grad(), attention.use(self.attention), fused.use(self.kernels):
             return self.generate(first_frame, last_frame, prompt, **kwargs)
 
     def generate(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
                  max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
-                 seed: int = 0, progress: bool = True, decode: bool = True) -> Video:
+                 seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None
+                 ) -> Video:
         """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's).
-        decode=False skips the VAE decode (multi-process runs decode on rank 0 only)."""
+        decode=False skips the VAE decode (multi-process runs decode on rank 0 only); `cancel`, when
+        set, stops the request between two denoising steps (raises runtime.step.Cancelled)."""
         notes: list[str] = []
         frame_num, max_area = self._resolve_target(frame_num, max_area)
         validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver)
@@ -271,37 +320,44 @@ class FLF2VPipeline:
         height, width = lat_h * 8, lat_w * 8
         t_lat = (frame_num - 1) // 4 + 1
 
+        stage = self.memory.stage
         t0 = time.perf_counter()
         neg = negative_prompt or FLF2V_NEG_PROMPT
-        context = self.encode_text([prompt, neg])  # (2, 512, text_dim): cond, uncond
+        with stage("text_encoder"):
+            context = self.encode_text([prompt, neg])  # (2, 512, text_dim): cond, uncond
         timings["text_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        clip_fea = self.encode_image(first, last)
+        with stage("image_encoder"):
+            clip_fea = self.encode_image(first, last)
         timings["image_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        y = torch.cat([flf2v_mask(frame_num, lat_h, lat_w)[None].to(self.device),
-                       self.vae_encode(conditioning_video(first, last, frame_num, height, width))], dim=1)
+        with stage("vae_encode"):
+            y = torch.cat([flf2v_mask(frame_num, lat_h, lat_w)[None].to(self.device),
+                           self.vae_encode(conditioning_video(first, last, frame_num, height, width))], dim=1)
         timings["vae_encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.device).manual_seed(seed)
         noise = torch.randn((16, t_lat, lat_h, lat_w), generator=gen, dtype=torch.float32, device=self.device)
-        latent = self.denoise(noise[None], context, clip_fea, y, sample_steps=sample_steps,
-                              sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
-                              progress=progress)
+        with stage("denoise"):
+            latent = self.denoise(noise[None], context, clip_fea, y, sample_steps=sample_steps,
+                                  sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
+                                  progress=progress, cancel=cancel)
         timings["denoise"] = time.perf_counter() - t0
 
         if not decode:  # multi-process runs: rank 0 decodes, the others return no frames
             timings["total"] = time.perf_counter() - t_start
             return Video(frames=np.zeros((0, height, width, 3), np.uint8), fps=FPS, timings=timings, seed=seed)
         t0 = time.perf_counter()
-        video = self.vae_decode(latent)[0]  # (3, F, H, W)
+        with stage("vae_decode"):
+            video = self.vae_decode(latent)[0]  # (3, F, H, W)
         timings["vae_decode"] = time.perf_counter() - t0
         frames = to_uint8_frames(video)
         timings["total"] = time.perf_counter() - t_start
-        return Video(frames=frames, fps=FPS, timings=timings, seed=seed, notes=notes)
+        return Video(frames=frames, fps=FPS, timings=timings, seed=seed, notes=notes, memory=dict(self.memory.peaks),
+                     backends=dict(self.backends.names))
 
     def _resolve_target(self, frame_num: int | None, max_area: int | None) -> tuple[int, int]:
         if self.target is None:
@@ -316,25 +372,19 @@ class FLF2VPipeline:
 
     def denoise(self, latent: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, *,
                 sample_steps: int, sample_shift: float, guide_scale: float, sample_solver: str,
-                progress: bool = False) -> torch.Tensor:
-        """The sampling loop: CFG as one batch-2 DiT call per step. latent (1, 16, T, h, w) fp32."""
+                progress: bool = False, cancel=None) -> torch.Tensor:
+        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA). latent (1, 16, T, h, w)."""
         from wanrt.runtime.step import CFGStep
 
         scheduler = make_scheduler(sample_solver, sample_shift)
         scheduler.set_timesteps(sample_steps, device=self.device)
         step = CFGStep(self.backends.dit, context, clip_fea, y, guide_scale, scheduler, latent)
-        steps = range(len(scheduler.timesteps))
         if progress:
             from rich.progress import Progress
 
             with Progress(transient=True) as bar:
-                task = bar.add_task("denoising", total=len(steps))
-                for k in steps:
-                    step(k)
-                    bar.advance(task)
+                task = bar.add_task("denoising", total=step.num_steps)
+                out = step.run(self.cuda_graphs, cancel, lambda: bar.advance(task))
         else:
-            for k in steps:
-                step(k)
-        return step.latent.clone()
-
-
+            out = step.run(self.cuda_graphs, cancel)
+        return out.clone()

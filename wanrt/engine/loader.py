@@ -16,14 +16,14 @@ from wanrt.runtime.backends import GRAPH_NAMES as GRAPHS
 from . import engine_file, engine_key
 
 
-def check_compatible(m: Manifest, backend: str, target: Target, device: torch.device) -> None:
+def check_compatible(m: Manifest, backend: str, target: Target, device: torch.device, graphs=GRAPHS) -> None:
     import wanrt
 
     rebuild = f"rebuild with `wanrt build --backend {backend} --force --out {m.root} ...`"
     built_by = m.data["versions"].get("wanrt")
     if built_by != wanrt.__version__:
         raise EngineError(f"{m.root} was built by wanrt {built_by}, this is wanrt {wanrt.__version__}; {rebuild}")
-    for graph in GRAPHS:
+    for graph in graphs:
         e = m.entry("engines", engine_key(backend, graph, target))
         if e is None:
             raise EngineError(f"{m.root} has no {backend} engine for {graph} at {target.tag}; {rebuild}")
@@ -47,13 +47,11 @@ def check_compatible(m: Manifest, backend: str, target: Target, device: torch.de
                                   f"this is a {props.name} (sm {props.major}.{props.minor}); {rebuild}")
 
 
-def load(backend: str, m: Manifest, target: Target, device: torch.device):
-    """-> (text_encoder, image_encoder, dit, vae) backends of the engine dir for `target`."""
-    from wanrt.runtime.backends import graph_backends
-
-    check_compatible(m, backend, target, device)
+def load(backend: str, m: Manifest, target: Target, device: torch.device, names=GRAPHS) -> dict:
+    """{graph name: loaded graph} of the engine dir for `target`, after the compatibility checks."""
+    check_compatible(m, backend, target, device, names)
     graphs = {}
-    for graph in GRAPHS:
+    for graph in names:
         entry = m.verify_files("engines", engine_key(backend, graph, target))
         spec = GraphSpec.from_dict(entry["spec"])
         if backend == "aoti":
@@ -66,4 +64,4 @@ def load(backend: str, m: Manifest, target: Target, device: torch.device):
             graphs[graph] = TRTGraph(m.root / engine_file("tensorrt", graph, target), spec, device,
                                      onnx_path=m.root / entry["onnx"],
                                      stripped=entry["settings"]["strip_weights"])
-    return graph_backends(graphs)
+    return graphs

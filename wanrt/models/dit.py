@@ -300,17 +300,23 @@ class WanDiT(nn.Module):
         return self.head(tokens, e)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
-                y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                time_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                context_emb: torch.Tensor | None = None) -> torch.Tensor:
         """
         x (B, 16, F, H, W) noisy latent; t (B,) timesteps (int64 as the official loop feeds, or float);
         context (B, 512, text_dim) zero-padded T5 states; clip_fea (B, 2N, clip_dim) first then last
         frame tokens; y (B, 20, F, H, W) mask + conditioning latent. Returns fp32 (B, 16, F, H, W).
+        rope, time_emb = embed_time(t) and context_emb = embed_context(context, clip_fea) may be given
+        precomputed (the runtime computes them once per request instead of once per step).
         """
         f, h, w = self.grid(x)
         if rope is None:
             rope = self.rope(f, h, w)
-        e, e0 = self.embed_time(t)
-        out = self.forward_tokens(self.patchify(x, y), e, e0, self.embed_context(context, clip_fea), rope)
+        e, e0 = self.embed_time(t) if time_emb is None else time_emb
+        if context_emb is None:
+            context_emb = self.embed_context(context, clip_fea)
+        out = self.forward_tokens(self.patchify(x, y), e, e0, context_emb, rope)
         return self.unpatchify(out, f, h, w).float()
 
 

@@ -92,11 +92,15 @@ class UlyssesDiT(WanDiT):
     axis: Axis
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
-                y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                time_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                context_emb: torch.Tensor | None = None) -> torch.Tensor:
         f, h, w = self.grid(x)
         cos, sin = self.rope(f, h, w) if rope is None else rope  # (L, D/2) for the full grid
         u, r = self.axis.size, self.axis.rank
-        e, e0 = self.embed_time(t)
+        e, e0 = self.embed_time(t) if time_emb is None else time_emb
+        if context_emb is None:
+            context_emb = self.embed_context(context, clip_fea)
         # The patch embedding is a cheap strided conv: every rank runs it whole and keeps its chunk.
         tokens = self.patchify(x, y)  # (B, L, dim)
         seq_len = tokens.shape[1]
@@ -107,8 +111,8 @@ class UlyssesDiT(WanDiT):
         # identity rotation for padded positions (their outputs are dropped, but keep them finite)
         cos = F.pad(cos, (0, 0, 0, pad), value=1.0)[chunk]
         sin = F.pad(sin, (0, 0, 0, pad), value=0.0)[chunk]
-        out = self.forward_tokens(tokens, e, e0, self.embed_context(context, clip_fea),
-                                  ShardedRope(cos, sin, seq_len))  # (B, s, prod(patch) * out_dim)
+        # (B, s, prod(patch) * out_dim)
+        out = self.forward_tokens(tokens, e, e0, context_emb, ShardedRope(cos, sin, seq_len))
         out = gather_seq(out, self.axis)[:, :seq_len]
         return self.unpatchify(out, f, h, w).float()
 

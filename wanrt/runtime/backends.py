@@ -46,21 +46,43 @@ class Backends:
     dit: DiTBackend
     vae: VAEBackend
     names: dict[str, str] = field(default_factory=dict)  # component -> backend name, for reports
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # eager modules a memory policy may move
 
 
 class EagerDiT:
-    """The PyTorch DiT with its RoPE tables built once per token grid (not once per step)."""
+    """The PyTorch DiT. RoPE tables are built once per token grid; `bind` precomputes, once per request,
+    the context embedding (text MLP + image projection) and the timestep embeddings of the schedule."""
 
     def __init__(self, model):
         self.model = model
         self._rope: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @torch.no_grad()
-    def __call__(self, x, t, context, clip_fea, y):
+    def rope(self, x):
         grid = self.model.grid(x)
         if grid not in self._rope:
             self._rope[grid] = self.model.rope(*grid)
-        return self.model(x, t, context, clip_fea, y, rope=self._rope[grid])
+        return self._rope[grid]
+
+    @torch.no_grad()
+    def __call__(self, x, t, context, clip_fea, y):
+        return self.model(x, t, context, clip_fea, y, rope=self.rope(x))
+
+    @torch.no_grad()
+    def bind(self, context, clip_fea, y, timesteps):
+        """A `(x, t) -> velocity` for one request; t must be one of `timesteps` (looked up on the device)."""
+        m = self.model
+        ctx = m.embed_context(context, clip_fea)  # (B, 2N + 512, dim)
+        e_tab, e0_tab = m.embed_time(timesteps)  # (n, dim), (n, 6, dim)
+        row = torch.zeros(m.cfg.num_train_timesteps + 1, dtype=torch.long, device=timesteps.device)
+        row[timesteps] = torch.arange(len(timesteps), device=timesteps.device)
+        rope = self.rope(y)
+
+        @torch.no_grad()
+        def call(x, t):
+            rows = row[t]
+            return m(x, t, context, clip_fea, y, rope=rope, time_emb=(e_tab[rows], e0_tab[rows]), context_emb=ctx)
+
+        return call
 
 
 class _NoGrad:
@@ -73,12 +95,17 @@ class _NoGrad:
 
 
 def eager(models: WanModels) -> Backends:
-    """The reference backends: the PyTorch modules themselves."""
-    vae = models.vae
+    """The reference backends: the PyTorch modules themselves (components not loaded stay None)."""
+    def maybe(module, wrap):
+        return None if module is None else wrap(module)
+
+    modules = {"text_encoder": models.text_encoder, "image_encoder": models.image_encoder, "vae": models.vae,
+               "dit": models.dit}
     return Backends(
-        text_encoder=_NoGrad(models.text_encoder), image_encoder=_NoGrad(models.image_encoder),
-        dit=EagerDiT(models.dit), vae=vae,
-        names=dict.fromkeys(("text_encoder", "image_encoder", "dit", "vae"), "eager"),
+        text_encoder=maybe(models.text_encoder, _NoGrad), image_encoder=maybe(models.image_encoder, _NoGrad),
+        dit=maybe(models.dit, EagerDiT), vae=models.vae,
+        names={c: "eager" for c, m in modules.items() if m is not None},
+        modules={c: m for c, m in modules.items() if m is not None},
     )
 
 
@@ -121,17 +148,32 @@ class GraphVAE:
         return out[0], out[1:]
 
 
-def graph_backends(graphs: dict):
-    """(text_encoder, image_encoder, dit, vae) from graph callables `graph(*inputs) -> [outputs]` (any
-    engine: ONNX Runtime sessions, AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES."""
-    return (GraphTextEncoder(graphs["t5"]), GraphSingle(graphs["clip"]), GraphSingle(graphs["dit"]),
-            GraphVAE(graphs["vae_encoder_first"], graphs["vae_encoder"], graphs["vae_decoder_first"],
-                     graphs["vae_decoder"]))
+COMPONENT_GRAPHS = {"text_encoder": ("t5",), "image_encoder": ("clip",), "dit": ("dit",),
+                    "vae": ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")}
+COMPONENTS = tuple(COMPONENT_GRAPHS)
+
+
+def graph_backends(graphs: dict) -> dict:
+    """{component: backend} from graph callables `graph(*inputs) -> [outputs]` (any engine: ONNX
+    Runtime sessions, AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES (a subset is fine)."""
+    out = {}
+    if "t5" in graphs:
+        out["text_encoder"] = GraphTextEncoder(graphs["t5"])
+    if "clip" in graphs:
+        out["image_encoder"] = GraphSingle(graphs["clip"])
+    if "dit" in graphs:
+        out["dit"] = GraphSingle(graphs["dit"])
+    if "vae_decoder" in graphs:
+        out["vae"] = GraphVAE(graphs["vae_encoder_first"], graphs["vae_encoder"], graphs["vae_decoder_first"],
+                              graphs["vae_decoder"])
+    return out
 
 
 def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int | None = None,
-                    height: int | None = None, frame_num: int | None = None, checkpoint: str | None = None):
-    """Backends of an engine dir for one of its profiles -> (Backends, WanConfig, tokenizer, Target).
+                    height: int | None = None, frame_num: int | None = None, checkpoint: str | None = None,
+                    components=COMPONENTS):
+    """Engine backends of `components` for one profile of an engine dir -> ({component: backend},
+    WanConfig, tokenizer, Target).
 
     The manifest is checked first: a profile that does not exist, a --size/--frame_num that
     contradicts the engine, or a checkpoint other than the one it was built from is refused.
@@ -158,16 +200,19 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
     config = WanConfig.from_dict(m.data["config"])
     tokenizer = AutoTokenizer.from_pretrained(str(Path(engine_dir) / "tokenizer"))
     target = Target(target.width, target.height, target.frame_num, m.data["batch"])
+    graphs = [g for c in components for g in COMPONENT_GRAPHS[c]]
     if backend == "onnxruntime":
         from wanrt.runtime.onnxruntime import load_graphs
 
-        te, ie, dit, vae = load_graphs(engine_dir, target, device)
+        if device.type == "cpu" and m.data["precision"] != "fp32":
+            raise EngineError(f"{engine_dir} holds {m.data['precision']} graphs, which ONNX Runtime's CPU provider "
+                              "cannot run (no bf16/fp8 kernels); export with --precision fp32 for it, or use CUDA")
+        loaded = load_graphs(engine_dir, target, device, graphs)
     else:
         from wanrt.engine import loader
 
-        te, ie, dit, vae = loader.load(backend, m, target, device)
-    names = dict.fromkeys(("text_encoder", "image_encoder", "dit", "vae"), backend)
-    return Backends(te, ie, dit, vae, names=names), config, tokenizer, target
+        loaded = loader.load(backend, m, target, device, graphs)
+    return graph_backends(loaded), config, tokenizer, target
 
 
 def _pick_profile(m, width, height, frame_num):

@@ -14,7 +14,7 @@ import torch
 from wanrt.engine.manifest import EngineError, Manifest
 from wanrt.export import graph_file, graph_key
 from wanrt.export.specs import GraphSpec, Target
-from wanrt.runtime.backends import GRAPH_NAMES, graph_backends
+from wanrt.runtime.backends import GRAPH_NAMES
 
 
 def providers(device: torch.device) -> list[str]:
@@ -57,11 +57,7 @@ class Graph:
         return [torch.from_numpy(np.ascontiguousarray(o)).to(self.device) for o in outs]
 
 
-def load_graphs(root: str | Path, target: Target, device: torch.device, threads: int = 0):
-    """text_encoder, image_encoder, dit, vae backends for `target` from the engine dir."""
+def load_graphs(root: str | Path, target: Target, device: torch.device, names=GRAPH_NAMES, threads: int = 0):
+    """{graph name: Graph} for `target` from the engine dir (each verified by sha256 first)."""
     m = Manifest.load(root)
-
-    def g(name):
-        return Graph(m, name, target, device, threads)
-
-    return graph_backends({n: g(n) for n in GRAPH_NAMES})
+    return {n: Graph(m, n, target, device, threads) for n in names}

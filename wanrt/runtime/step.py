@@ -1,40 +1,85 @@
 """The denoising step: DiT batch-2 CFG call + guidance + scheduler update, on static buffers.
 
 Everything that depends only on the request (context of both prompts, CLIP tokens, the conditioning
-latent y) is placed into fixed batch-2 buffers once; each step copies the latent and the timestep in,
-calls the DiT backend once, combines `uncond + g * (cond - uncond)` and updates the latent in place
-with the scheduler's precomputed coefficients. No per-step shape logic, no new buffers of our own.
+latent y, and for the eager DiT their embeddings and the timestep embeddings of the whole schedule) is
+placed into fixed buffers once. A step reads the step index `k` from a device tensor, gathers its
+timestep, calls the DiT once, combines `uncond + g * (cond - uncond)`, updates the latent in place
+with the scheduler's precomputed coefficients and increments `k`: no host logic, no shape logic, no
+new buffers of our own. On CUDA the whole step is captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
+class Cancelled(Exception):
+    """The request was cancelled between two denoising steps."""
+
+
 class CFGStep:
-    """step(k) advances `self.latent` (1, 16, T, h, w) fp32 from sigma_k to sigma_{k+1} in place."""
+    """Advances `self.latent` (1, 16, T, h, w) fp32 from sigma_k to sigma_{k+1} in place, k = 0, 1, ..."""
 
     def __init__(self, dit, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, guide_scale: float,
                  scheduler, latent: torch.Tensor):
         device = latent.device
-        self.dit = dit
-        self.guide_scale = float(guide_scale)
+        self.device = device
+        self.guide_scale = torch.tensor(float(guide_scale), device=device)  # a tensor: no per-step scalar boxing
         self.latent = latent.to(torch.float32).contiguous().clone()
         self.x = torch.empty((2, *self.latent.shape[1:]), dtype=torch.float32, device=device)
         self.t = torch.empty(2, dtype=torch.int64, device=device)
+        self.k = torch.zeros(1, dtype=torch.int64, device=device)  # the step index, on the device
+        self.one = torch.ones(1, dtype=torch.int64, device=device)
         self.context = context.contiguous()  # (2, 512, text_dim): cond, uncond
         self.clip_fea = clip_fea.expand(2, *clip_fea.shape[1:]).contiguous()
         self.y = y.expand(2, *y.shape[1:]).contiguous()
         self.guided = torch.empty_like(self.latent)
         self.timesteps = scheduler.timesteps.to(device)
+        self.num_steps = len(self.timesteps)
         self.scheduler = scheduler
         self.state = scheduler.init_state(self.latent)
+        if hasattr(dit, "bind"):  # the eager DiT precomputes the request-constant parts once
+            self.call = dit.bind(self.context, self.clip_fea, self.y, self.timesteps)
+        else:
+            def call(x, t):
+                return dit(x, t, self.context, self.clip_fea, self.y)
 
-    def __call__(self, k: int) -> torch.Tensor:
+            self.call = call
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self) -> None:
+        """One step at index self.k (device-side); every op is capturable."""
+        torch.index_select(self.timesteps, 0, self.k, out=self.t[:1])
+        self.t[1:].copy_(self.t[:1])
         self.x.copy_(self.latent.expand_as(self.x))
-        self.t.copy_(self.timesteps[k].expand(2))
-        pred = self.dit(self.x, self.t, self.context, self.clip_fea, self.y)  # (2, 16, T, h, w)
-        # uncond + g * (cond - uncond), written into a static buffer
+        pred = self.call(self.x, self.t)  # (2, 16, T, h, w)
         torch.sub(pred[0:1], pred[1:2], out=self.guided)
         self.guided.mul_(self.guide_scale).add_(pred[1:2])
-        return self.scheduler.step_with_state(k, self.guided, self.latent, self.state)
+        self.scheduler.step_with_state(self.k, self.guided, self.latent, self.state)
+        self.k.add_(self.one)
+
+    def run(self, cuda_graph: bool = True, cancel: threading.Event | None = None, progress=None) -> torch.Tensor:
+        """All steps. On CUDA (and cuda_graph): step 0 runs eagerly on a side stream (it is also the
+        warm-up), step 1 is captured, and the graph is replayed for steps 1..n-1."""
+        use_graph = cuda_graph and self.device.type == "cuda" and self.num_steps > 1
+        for i in range(self.num_steps):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after {i} of {self.num_steps} steps")
+            if i == 0 and use_graph:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self.step()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.step()  # recorded, not run: the state still holds step 0's result
+            elif use_graph:
+                self.graph.replay()
+            else:
+                self.step()
+            if progress is not None:
+                progress()
+        return self.latent
