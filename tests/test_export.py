@@ -275,3 +275,19 @@ def test_14b_dit_graph_structure_full():
     ops, io, out, weights = _trace_14b(40)  # ~3 min on 2 cores, <1 GB RSS
     _check_14b(ops, io, out, weights, 40)
     assert len(weights) == 1307
+
+
+def test_several_profiles_in_one_engine_dir(engine, tiny_official, tmp_path):
+    """A second resolution goes into the same dir as another profile; loading must then name one."""
+    both = shutil.copytree(engine, tmp_path / "eng")
+    second = Target(48, 48, 5)
+    export(tiny_official, both, second, precision="fp32", components=["dit"], log=lambda s: None)
+    m = Manifest.load(both)
+    assert set(m.data["profiles"]) == {"64x48x9", "48x48x5"}
+    assert (both / graph_file("dit", second)).is_file() and graph_key("dit", second) in m.data["graphs"]
+    with pytest.raises(EngineError, match="several profiles"):
+        FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=both)
+    pipe = FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=both, size=(64, 48), frame_num=9)
+    assert pipe.target.tag == "64x48x9"
+    with pytest.raises(EngineError, match="vae_encoder_first@48x48x5"):  # that profile has only the DiT
+        FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=both, size=(48, 48), frame_num=5)
