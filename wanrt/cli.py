@@ -328,6 +328,16 @@ def build(
         _fail(e, debug)
 
 
+def _register_bench() -> None:
+    from wanrt.bench.cli import HELP as BENCH_HELP
+    from wanrt.bench.cli import bench
+
+    app.command("bench", help=BENCH_HELP)(bench)
+
+
+_register_bench()
+
+
 @app.command(help="Show which backends are usable on this machine, and why the others are not.")
 def doctor() -> None:
     from wanrt.doctor import report

@@ -110,15 +110,7 @@ def open_weights(path: Path) -> Weights:
     if not path.is_file():
         raise CheckpointError(f"missing file {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            keys = list(handle.keys())
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupted file?)") from None
-        return Weights({k: _Entry(shapes[k], path, lambda k=k: handle.get_tensor(k)) for k in keys}, str(path))
+        return _open_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds; all mean "unreadable"
@@ -129,6 +121,54 @@ def open_weights(path: Path) -> Weights:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state_dict of tensors")
     return Weights({k: _Entry(tuple(v.shape), path, lambda v=v: v) for k, v in obj.items()}, str(path))
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _open_safetensors(path: Path) -> Weights:
+    """safetensors read with plain file reads, one tensor at a time (no mmap: a memory-mapped 50 GB
+    checkpoint would show up in the process's RSS as it is read). The header is checked against the
+    file size, so a truncated file fails here, naming itself."""
+    import json
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupted file?)") from None
+    header.pop("__metadata__", None)
+    base = 8 + n
+    entries = {}
+    for key, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        if base + end > size:
+            raise CheckpointError(f"cannot read {path}: tensor {key!r} ends past the end of the file "
+                                  "(truncated or corrupted file?)")
+        shape = tuple(info["shape"])
+
+        def read(start=start, end=end, dtype=dtype, shape=shape):
+            t = torch.empty(shape, dtype=dtype)
+            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
+            with open(path, "rb") as f:
+                f.seek(base + start)
+                if f.readinto(buf) != end - start:
+                    raise OSError("short read")
+            return t
+
+        entries[key] = _Entry(shape, path, read)
+    return Weights(entries, str(path))
 
 
 def find_weights(folder: Path, stems: Iterable[str]) -> Path:
