@@ -32,10 +32,13 @@ def engine_file(backend: str, graph: str, target: Target, device: str = "") -> s
     return f"engines/tensorrt/{sub}/{graph}.plan"
 
 
-def build(ckpt_dir: str | Path, out: str | Path, target: Target, backend: str = "aoti", precision: str = "bf16",
+def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend: str = "aoti", precision: str = "bf16",
           components=COMPONENTS, device: str | None = None, force: bool = False,
-          log: Callable[[str], None] = print, attention: str = "sdpa", **trt_options):
-    """Build `backend` engines of `components` for `target` into the engine dir `out`; returns its Manifest."""
+          log: Callable[[str], None] = print, attention: str = "sdpa", models=None, **trt_options):
+    """Build `backend` engines of `components` for `target` into the engine dir `out`; returns its Manifest.
+
+    aoti only: `models` (a loaded WanModels, e.g. random weights made on the GPU) replaces the checkpoint
+    (ckpt_dir may then be None); the manifest records them as in-memory weights."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown build backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "tensorrt":
@@ -43,10 +46,10 @@ def build(ckpt_dir: str | Path, out: str | Path, target: Target, backend: str = 
 
         require()  # fail at once, before any export work
         return _build_tensorrt(ckpt_dir, Path(out), target, precision, components, force, log, trt_options)
-    return _build_aoti(ckpt_dir, Path(out), target, precision, components, device, force, log, attention)
+    return _build_aoti(ckpt_dir, Path(out), target, precision, components, device, force, log, attention, models)
 
 
-def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, force, log, attention):
+def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, force, log, attention, models=None):
     from wanrt.engine.manifest import Manifest
     from wanrt.export import _copy_tokenizer
     from wanrt.export.graphs import graph_module
@@ -57,14 +60,25 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"aoti builds fp32 or bf16 (got {precision!r}); fp8 engines are a TensorRT feature")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = Checkpoint(ckpt_dir)
-    cfg = ckpt.config
+    if models is None:
+        ckpt = Checkpoint(ckpt_dir)
+        cfg = ckpt.config
+        source = {"path": str(ckpt.folder), "layout": ckpt.layout, "fingerprint": ckpt.fingerprint()}
+    else:  # in-memory weights: identified by their origin and config, nothing on disk to hash
+        import hashlib
+        import json
+
+        ckpt, cfg = None, models.config
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+        source = {"path": models.source or "in-memory", "layout": "memory", "fingerprint": f"memory-{digest}"}
     specs = graph_specs(cfg, target)
     manifest = Manifest.open(out)
-    manifest.init(checkpoint={"path": str(ckpt.folder), "layout": ckpt.layout, "fingerprint": ckpt.fingerprint()},
-                  config=dataclasses.asdict(cfg), precision=precision, batch=target.batch)
+    manifest.init(checkpoint=source, config=dataclasses.asdict(cfg), precision=precision, batch=target.batch)
     manifest.add_profile(target.tag, target.width, target.height, target.frame_num)
-    _copy_tokenizer(ckpt, out)
+    if ckpt is not None:
+        _copy_tokenizer(ckpt, out)
+    elif models.text_encoder is not None and models.text_encoder.tokenizer is not None:
+        models.text_encoder.tokenizer.save_pretrained(str(out / "tokenizer"))
     manifest.save()
     facts = {"device": dev.type, "torch": torch.__version__, "attention": attention,
              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
@@ -79,8 +93,12 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     if not todo:
         return manifest
     needed = {"t5": "text_encoder", "clip": "image_encoder", "dit": "dit", "vae_encoder": "vae", "vae_decoder": "vae"}
-    models = load(ckpt_dir, device=dev, dtype=torch.bfloat16 if precision == "bf16" else None,
-                  components=sorted({needed[c] for c, _ in todo}))
+    if models is None:
+        models = load(ckpt_dir, device=dev, dtype=torch.bfloat16 if precision == "bf16" else None,
+                      components=sorted({needed[c] for c, _ in todo}))
+    missing = sorted({needed[c] for c, _ in todo if getattr(models, needed[c]) is None})
+    if missing:
+        raise ValueError(f"the in-memory models lack {missing} needed for {[g for _, g in todo]}")
     for _component, graph in todo:
         key = engine_key("aoti", graph, target)
         rel = engine_file("aoti", graph, target, dev.type)

@@ -198,7 +198,8 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
             raise EngineError(f"{engine_dir} was built from {m.data['checkpoint']['path']}, not from {checkpoint} "
                               "(different fingerprint); rebuild it for this checkpoint")
     config = WanConfig.from_dict(m.data["config"])
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(engine_dir) / "tokenizer"))
+    tok_dir = Path(engine_dir) / "tokenizer"  # absent for engines built from in-memory random weights
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
     target = Target(target.width, target.height, target.frame_num, m.data["batch"])
     graphs = [g for c in components for g in COMPONENT_GRAPHS[c]]
     if backend == "onnxruntime":
