@@ -50,13 +50,9 @@ def _given(ctx: typer.Context, param: str) -> bool:
 
 def parse_size(size: str) -> tuple[int, int]:
     """'W*H' -> (W, H); both positive multiples of 16."""
-    try:
-        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
-    except ValueError:
-        raise CLIError(f"--size must look like W*H (e.g. 1280*720), got {size!r}") from None
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise CLIError(f"--size {size}: width and height must be positive multiples of 16 (e.g. 1280*720)")
-    return w, h
+    from wanrt.export.specs import parse_size as parse
+
+    return parse(size)
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -247,6 +243,23 @@ def generate(
         _fail(e, debug)
 
 
+def _target(size: str, frame_num: int, batch: int, components: str):
+    """The engine target and the component list of `export` / `build`."""
+    from wanrt.export.specs import Target
+
+    w, h = parse_size(size)
+    return Target(w, h, frame_num, batch), [c.strip() for c in components.split(",") if c.strip()]
+
+
+def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int) -> dict | None:
+    """fp8 DiT exports need activation scales from a few real denoising steps (stored in the engine dir)."""
+    if precision != "fp8" or "dit" not in parts:
+        return None
+    from wanrt.export.fp8 import calibrate_to
+
+    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo)
+
+
 @app.command(help="Export the models to static ONNX for one size and frame count (ENGINE_DIR/onnx/...).")
 def export(
     ckpt_dir: Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")],
@@ -263,17 +276,10 @@ def export(
 ) -> None:
     try:
         from wanrt.export import export as run_export
-        from wanrt.export.specs import Target
 
-        w, h = parse_size(size)
-        target = Target(w, h, frame_num, batch)
-        parts = [c.strip() for c in components.split(",") if c.strip()]
+        target, parts = _target(size, frame_num, batch, components)
         t0 = time.perf_counter()
-        calibration = None
-        if precision == "fp8" and "dit" in parts:
-            from wanrt.export.fp8 import calibrate_to
-
-            calibration = calibrate_to(ckpt_dir, out, target, steps=calib_steps, log=typer.echo)
+        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
                    calibration=calibration)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
@@ -305,11 +311,8 @@ def build(
 ) -> None:
     try:
         from wanrt.engine import build as run_build
-        from wanrt.export.specs import Target
 
-        w, h = parse_size(size)
-        target = Target(w, h, frame_num, batch)
-        parts = [c.strip() for c in components.split(",") if c.strip()]
+        target, parts = _target(size, frame_num, batch, components)
         t0 = time.perf_counter()
         options = {}
         if backend == "tensorrt":
@@ -317,10 +320,7 @@ def build(
 
             require()  # one clear line before any export work when TensorRT is absent
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights)
-            if precision == "fp8" and "dit" in parts:
-                from wanrt.export.fp8 import calibrate_to
-
-                calibrate_to(ckpt_dir, out, target, steps=calib_steps, log=typer.echo)
+            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")

@@ -20,13 +20,12 @@ class BenchUsageError(ValueError):
 
 def parse_size(size: str) -> tuple[int, int]:
     """'W*H' -> (W, H), both positive multiples of 16 (what an engine target needs)."""
+    from wanrt.export.specs import parse_size as parse
+
     try:
-        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
-    except ValueError:
-        raise BenchUsageError(f"--size must look like W*H (e.g. 1280*720), got {size!r}") from None
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise BenchUsageError(f"--size {size}: width and height must be positive multiples of 16")
-    return w, h
+        return parse(size)
+    except ValueError as e:
+        raise BenchUsageError(str(e)) from None
 
 
 def command_line(ckpt_dir, size, frame_num, backends, what, repeat, warmup, precision, interleave,

@@ -71,6 +71,17 @@ class Target:
         return (self.frame_num - 1) // 4 + 1, self.height // 8, self.width // 8
 
 
+def parse_size(size: str) -> tuple[int, int]:
+    """'W*H' (or 'WxH') -> (W, H), both positive multiples of 16; ValueError naming the problem otherwise."""
+    try:
+        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise ValueError(f"--size must look like W*H (e.g. 1280*720), got {size!r}") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise ValueError(f"--size {size}: width and height must be positive multiples of 16 (e.g. 1280*720)")
+    return w, h
+
+
 def graph_specs(cfg: WanConfig, target: Target) -> dict[str, GraphSpec]:
     """Every graph's I/O for this config and target, keyed by graph name."""
     import torch
