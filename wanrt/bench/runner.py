@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import inspect
 import shutil
 import statistics
 import tempfile
@@ -55,7 +54,6 @@ _MODELS = {"dit_step": ("dit",), "vae_encode": ("vae",), "vae_decode": ("vae",),
            "clip": ("image_encoder",), "e2e": ("text_encoder", "image_encoder", "dit", "vae")}
 _ENGINE_PARTS = {"text_encoder": ("t5",), "image_encoder": ("clip",), "dit": ("dit",),
                  "vae": ("vae_encoder", "vae_decoder")}
-ALL_ENGINE_PARTS = ("t5", "clip", "dit", "vae_encoder", "vae_decoder")
 # Default (width, height, frame_num) per model: the toy configs get sizes that run in seconds on a CPU.
 DEFAULT_TARGETS = {"tiny": (64, 48, 9), "small": (256, 256, 9), "flf2v-14b": (1280, 720, 81)}
 FULL_TARGET = (1280, 720, 81)
@@ -437,29 +435,25 @@ def _engine(name: str, source: Source, engine_dir: Path, target, device: torch.d
         raise Unavailable(f"{source.spec} has no checkpoint folder to export ONNX from (the bench does not write "
                           "random weights of this size to disk); use a real --ckpt_dir")
     runtime_parts = _runtime_parts(components)
-    # Build only what is timed when the runtime loader takes a subset; an older one loads every graph.
-    subset = "components" in inspect.signature(from_engine_dir).parameters
-    parts = tuple(p for r in runtime_parts for p in _ENGINE_PARTS[r]) if subset else ALL_ENGINE_PARTS
+    parts = tuple(p for r in runtime_parts for p in _ENGINE_PARTS[r])  # build only what is timed
     if name == "onnxruntime":
         from wanrt.export import export
 
         export(folder, engine_dir, target, precision=precision, components=parts, log=log)
     else:
-        try:
-            from wanrt.engine import build
-        except ImportError as e:
-            raise Unavailable(f"wanrt.engine.build is not available ({e})") from None
-        params = inspect.signature(build).parameters
-        kwargs = {k: v for k, v in (("components", parts), ("log", log), ("device", device.type)) if k in params}
-        if folder is None:
-            if "models" not in params or in_memory is None:
-                raise Unavailable(f"{source.spec} has no checkpoint folder to build {name} engines from and "
-                                  "wanrt.engine.build takes no in-memory models; use a real --ckpt_dir")
-            kwargs["models"] = in_memory
-        build(folder, engine_dir, target, backend=name, precision=precision, **kwargs)
+        from wanrt.engine import build
+
+        if folder is None and in_memory is None:
+            raise Unavailable(f"{source.spec} has no checkpoint folder to build {name} engines from; "
+                              "use a real --ckpt_dir")
+        if folder is None and name == "tensorrt":
+            raise Unavailable("tensorrt engines are built from the ONNX export, which reads a checkpoint folder "
+                              "(the bench does not write random 14B weights to disk); use a real --ckpt_dir")
+        build(folder, engine_dir, target, backend=name, precision=precision, components=parts, log=log,
+              device=device.type, models=in_memory if folder is None else None)
     got, config, tokenizer, tgt = from_engine_dir(
         engine_dir, name, device, target.width, target.height, target.frame_num,
-        checkpoint=None if folder is None else str(folder), **({"components": runtime_parts} if subset else {}))
+        checkpoint=None if folder is None else str(folder), components=runtime_parts)
     return Loaded(name, _as_backends(got, name), config, tokenizer, tgt, 0.0, 0)
 
 
@@ -467,8 +461,6 @@ def _as_backends(got, name: str):
     """from_engine_dir gives {component: backend} (a subset); the cases read a Backends."""
     from wanrt.runtime.backends import Backends
 
-    if isinstance(got, Backends):
-        return got
     names = dict.fromkeys(got, name)
     return Backends(got.get("text_encoder"), got.get("image_encoder"), got.get("dit"), got.get("vae"), names=names)
 

@@ -239,7 +239,7 @@ def _dit_config_from_shapes(w: Weights, raw: dict) -> DiTConfig:
     )
 
 
-def _vae_config_from_shapes(w: Weights, mean=None, std=None) -> VAEConfig:
+def _vae_config_from_shapes(w: Weights) -> VAEConfig:
     dim = w.shape("encoder.conv1.weight")[0]
     z_dim = w.shape("conv2.weight")[0]
     n_enc, n_dec = w.count("encoder.downsamples."), w.count("decoder.upsamples.")
@@ -251,11 +251,8 @@ def _vae_config_from_shapes(w: Weights, mean=None, std=None) -> VAEConfig:
         mult.append(w.shape(f"encoder.downsamples.{first}.residual.2.weight")[0] // dim)
         if level < levels - 1:
             tdown.append(f"encoder.downsamples.{first + nrb}.time_conv.weight" in w)
-    extra = {}
-    if mean is not None:
-        extra = {"mean": tuple(mean), "std": tuple(std)}
     return VAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=nrb,
-                     temperal_downsample=tuple(tdown), **extra)
+                     temperal_downsample=tuple(tdown))
 
 
 def _tokenizer(folder: Path):
