@@ -42,6 +42,8 @@ def compile_package(module: torch.nn.Module, spec: GraphSpec, path: Path, device
 class AOTIGraph:
     """A loaded package: `graph(*tensors) -> list[torch.Tensor]` in spec order, shapes checked."""
 
+    capturable = True  # the compiled model launches its kernels on the current stream, no host sync
+
     def __init__(self, path: Path, spec: GraphSpec, device: torch.device):
         self.spec = spec
         self.device = device

@@ -164,6 +164,8 @@ class TRTGraph:
     torch stream, so the whole call can be captured in a CUDA graph (no host sync inside).
     """
 
+    capturable = True
+
     def __init__(self, plan_path: Path, spec: GraphSpec, device, onnx_path: Path | None = None,
                  stripped: bool = False):
         trt = require()

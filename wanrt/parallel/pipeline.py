@@ -29,6 +29,9 @@ def dit_backend(dit, groups: ParallelGroups):
     if groups.ulysses is not None:
         dit = apply_ulysses(dit, groups.ulysses)
     backend = EagerDiT(dit)
+    if groups.tp is not None or groups.ulysses is not None:
+        # collectives inside a captured step need NCCL graph capture, not yet verified on GPUs: replay off
+        backend.capturable = False
     return CFGParallelDiT(backend, groups.cfg) if groups.cfg is not None else backend
 
 

@@ -53,6 +53,8 @@ class EagerDiT:
     """The PyTorch DiT. RoPE tables are built once per token grid; `bind` precomputes, once per request,
     the context embedding (text MLP + image projection) and the timestep embeddings of the schedule."""
 
+    capturable = True  # pure device work: the step can be recorded as a CUDA graph
+
     def __init__(self, model):
         self.model = model
         self._rope: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,6 +130,7 @@ class GraphSingle:
 
     def __init__(self, graph):
         self.graph = graph
+        self.capturable = getattr(graph, "capturable", False)  # AOTInductor / TensorRT: yes; ONNX Runtime: no
 
     def __call__(self, *tensors):
         return self.graph(*tensors)[0]

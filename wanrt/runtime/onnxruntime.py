@@ -32,6 +32,8 @@ def providers(device: torch.device) -> list[str]:
 class Graph:
     """One verified ONNX graph: `graph(*tensors) -> list[torch.Tensor]` in spec order."""
 
+    capturable = False  # host round trips through numpy: never inside a CUDA graph
+
     def __init__(self, manifest: Manifest, name: str, target: Target, device: torch.device, threads: int = 0):
         import onnxruntime as ort
 

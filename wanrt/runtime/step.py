@@ -40,6 +40,7 @@ class CFGStep:
         self.num_steps = len(self.timesteps)
         self.scheduler = scheduler
         self.state = scheduler.init_state(self.latent)
+        self.capturable = getattr(dit, "capturable", False)
         if hasattr(dit, "bind"):  # the eager DiT precomputes the request-constant parts once
             self.call = dit.bind(self.context, self.clip_fea, self.y, self.timesteps)
         else:
@@ -61,9 +62,10 @@ class CFGStep:
         self.k.add_(self.one)
 
     def run(self, cuda_graph: bool = True, cancel: threading.Event | None = None, progress=None) -> torch.Tensor:
-        """All steps. On CUDA (and cuda_graph): step 0 runs eagerly on a side stream (it is also the
-        warm-up), step 1 is captured, and the graph is replayed for steps 1..n-1."""
-        use_graph = cuda_graph and self.device.type == "cuda" and self.num_steps > 1
+        """All steps. On CUDA (and cuda_graph, and a DiT backend that can be captured): step 0 runs
+        eagerly on a side stream (it is also the warm-up), step 1 is captured, and the graph is
+        replayed for steps 1..n-1."""
+        use_graph = cuda_graph and self.capturable and self.device.type == "cuda" and self.num_steps > 1
         for i in range(self.num_steps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled after {i} of {self.num_steps} steps")
