@@ -134,7 +134,8 @@ def test_generate_end_to_end(tmp_path, single_video, launcher, split):
     assert list(tmp_path.iterdir()) == [out]  # and writes
     video = read_mp4(out)
     assert video.shape == single_video.shape == (5, 48, 64, 3)
-    # latents agree to ~1e-6; the H.264 encoder may still flip a few pixel values
+    # latents agree to ~1e-6 (measured: identical files); a uint8 rounding flip could still move x264's
+    # decisions a little, hence a mean rather than equality
     assert np.abs(video.astype(int) - single_video.astype(int)).mean() < 0.5
 
 

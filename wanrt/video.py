@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,13 @@ def check_writable(path: str | Path) -> Path:
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18) -> Path:
     """(F, H, W, 3) uint8 -> H.264 yuv420p mp4. Odd sizes are padded by one edge pixel (yuv420p needs
-    even sizes). Written to a temporary file in the same folder, then renamed."""
-    import av
+    even sizes). Written to a temporary file in the same folder, then renamed.
 
+    The encoder runs in a fresh thread: x264's decisions use floating point, and a thread that has run
+    PyTorch's CPU kernels can carry another floating-point state (denormal handling), which made the
+    same frames encode to different files depending on what the process computed before (measured:
+    mean |delta| up to 1 of 255 after decoding). From a fresh thread the same frames always give the
+    same file, so a fixed seed reproduces the video byte for byte."""
     path = check_writable(path)
     f, h, w, _ = frames.shape
     ph, pw = h + (h % 2), w + (w % 2)
@@ -80,21 +85,40 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mp4", dir=path.parent)
     os.close(fd)
+    failure: list[BaseException] = []
+
+    def encode() -> None:
+        try:
+            _encode_h264(frames, tmp, fps, crf)
+        except BaseException as e:  # handed to the caller's thread
+            failure.append(e)
+
     try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        worker = threading.Thread(target=encode, name="wanrt-mp4-encoder")
+        worker.start()
+        worker.join()
+        if failure:
+            raise failure[0]
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _encode_h264(frames: np.ndarray, path: str, fps: int, crf: int) -> None:
+    import av
+
+    with av.open(path, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def read_mp4(path: str | Path) -> np.ndarray:
