@@ -8,5 +8,5 @@ from _venv import BIN, ensure
 
 if __name__ == "__main__":
     ensure("")
-    args = sys.argv[1:] or ["--ckpt_dir", "tiny", "--size", "64*64", "--frame_num", "9", "--save_file", "demo.mp4"]
+    args = sys.argv[1:] or ["--ckpt_dir", "tiny", "--save_file", "demo.mp4"]  # 64*64 x 17 frames, 50 steps
     sys.exit(subprocess.call([str(BIN / "wanrt"), "generate", *args]))

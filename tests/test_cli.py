@@ -107,11 +107,21 @@ def test_doctor_lists_backends():
 
 
 def test_real_subprocess_makes_decodable_mp4(tmp_path):
+    """The issue's own check: `wanrt generate --ckpt_dir tiny` with nothing else (the built-in model's
+    64*64 x 17 target, the official 50 steps) writes an mp4 in which the bird flies from its place in the
+    first frame to its place in the last."""
+    from wanrt.samples import sample_background, sample_frames
+    from wanrt.tiny.data import centroids
+
     out = tmp_path / "demo.mp4"
     exe = shutil.which("wanrt") or f"{sys.executable} -m wanrt.cli"
-    cmd = exe.split() + ["generate", "--ckpt_dir", "tiny", "--size", "64*64", "--frame_num", "9",
-                         "--save_file", str(out)]
+    cmd = exe.split() + ["generate", "--ckpt_dir", "tiny", "--base_seed", "0", "--save_file", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert res.returncode == 0, res.stderr
     frames = read_mp4(out)
-    assert frames.shape == (9, 48, 64, 3)
+    assert frames.shape == (17, 48, 64, 3)
+    c = centroids(frames, sample_background())
+    given = centroids(np.stack([np.asarray(f) for f in sample_frames()]), sample_background())
+    assert not np.isnan(c).any()
+    assert np.abs(c[0] - given[0]).max() < 3 and np.abs(c[-1] - given[1]).max() < 3  # starts and ends in place
+    assert given[0, 0] + 5 < c[8, 0] < given[1, 0] - 5  # and is in between halfway

@@ -105,7 +105,8 @@ _UNUSED_OFFICIAL_FLAGS = {
 def generate(
     ctx: typer.Context,
     task: Annotated[str, typer.Option("--task", help="Only flf2v-14B.")] = "flf2v-14B",
-    size: Annotated[str, typer.Option("--size", help="Output area as W*H, e.g. 1280*720.")] = "1280*720",
+    size: Annotated[str, typer.Option("--size", help="Output area as W*H, e.g. 1280*720 (the built-in "
+                                                           "tiny models: 64*64).")] = "1280*720",
     ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir",
                                                  help="Checkpoint folder (official or diffusers) or 'tiny'.")] = None,
     first_frame: Annotated[str | None, typer.Option("--first_frame", "--first-frame")] = None,
@@ -113,7 +114,8 @@ def generate(
     prompt: Annotated[str | None, typer.Option("--prompt")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative_prompt", "--negative-prompt",
                                                         help="Default: the official FLF2V negative prompt.")] = None,
-    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num", help="4n+1 frames.")] = 81,
+    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num", help="4n+1 frames (the built-in "
+                                                           "tiny models: 17).")] = 81,
     sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps")] = 50,
     sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift")] = 16.0,
     sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale")] = 5.0,
@@ -157,6 +159,7 @@ def generate(
     try:
         import random
 
+        from wanrt.models import tiny as tiny_models
         from wanrt.parallel import ParallelPlan, load_pipeline, model_config, session, spawn
         from wanrt.parallel.launch import command_argv, env_rank
         from wanrt.pipeline import validate
@@ -175,6 +178,9 @@ def generate(
         engine = backend != "eager"
         if engine and engine_dir is None:
             raise CLIError(f"--backend {backend} needs --engine_dir (make one with `wanrt export` or `wanrt build`)")
+        if not engine and ckpt_dir is not None and tiny_models.is_builtin(ckpt_dir):  # the tiny model's own target
+            size = size if _given(ctx, "size") else "{}*{}".format(*tiny_models.BUILTIN_SIZE)
+            frame_num = frame_num if _given(ctx, "frame_num") else tiny_models.BUILTIN_FRAMES
         size_given = _given(ctx, "size") and engine
         w, h = parse_size(size)
         frames_given = frame_num if (not engine or _given(ctx, "frame_num")) else None

@@ -165,6 +165,7 @@ class FLF2VPipeline:
         fused_seam.check(kernels)
         self.attention, self.kernels = attention, kernels  # kernel choice for eager model code
         self.target = target  # an engine's fixed (width, height, frame_num, batch), or None
+        self.defaults = (81, 1280 * 720)  # frame_num and max_area when a request gives none (official)
         self.backends = backends
         self.config = config
         self.tokenizer = tokenizer
@@ -235,8 +236,13 @@ class FLF2VPipeline:
         modules = {} if models is None else ours.modules
         backends = Backends(parts["text_encoder"], parts["image_encoder"], parts["dit"], parts["vae"],
                             names=choice, modules=modules)
-        return cls(backends, config, tokenizer, device, attention=attention, kernels=kernels, target=target,
+        pipe = cls(backends, config, tokenizer, device, attention=attention, kernels=kernels, target=target,
                    memory=memory, cuda_graphs=cuda_graphs)
+        from wanrt.models import tiny
+
+        if path is not None and tiny.is_builtin(path):
+            pipe.defaults = (tiny.BUILTIN_FRAMES, tiny.BUILTIN_SIZE[0] * tiny.BUILTIN_SIZE[1])
+        return pipe
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -294,7 +300,8 @@ class FLF2VPipeline:
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
                  seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None
                  ) -> Video:
-        """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's).
+        """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's; the built-in
+        tiny models: 64*64, 17).
         decode=False skips the VAE decode (multi-process runs decode on rank 0 only); `cancel`, when
         set, stops the request between two denoising steps (raises runtime.step.Cancelled)."""
         notes: list[str] = []
@@ -361,7 +368,7 @@ class FLF2VPipeline:
 
     def _resolve_target(self, frame_num: int | None, max_area: int | None) -> tuple[int, int]:
         if self.target is None:
-            return frame_num or 81, max_area or 1280 * 720
+            return frame_num or self.defaults[0], max_area or self.defaults[1]
         t = self.target
         if frame_num is not None and frame_num != t.frame_num:
             raise InputError(f"the engine was built for {t.frame_num} frames; frame_num {frame_num} contradicts it "

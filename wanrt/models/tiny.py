@@ -1,12 +1,18 @@
-"""Tiny random checkpoints in the official and the diffusers layouts, written on the spot.
+"""The built-in checkpoints: `tiny` (trained, shipped in the package) and `tiny-random` (written on the spot).
 
-They have the real module trees with toy widths (`WanConfig.tiny()`), so every loader path, export and
-backend can be exercised on a CPU in seconds. `cached("tiny")` returns an official-layout copy under
+`tiny-random` and `write()` give random checkpoints with the real module trees and toy widths
+(`WanConfig.tiny()`), in the official and the diffusers layouts, so every loader path, export and
+backend can be exercised on a CPU in seconds; `cached("tiny-random")` is an official-layout copy under
 the user cache, written once (atomically) and reused.
+
+`tiny` is the small model trained on synthetic clips by scripts/train_tiny.py (see wanrt/tiny/): it
+really fills in the motion between a first and a last frame. It ships under wanrt/assets/tiny in the
+official layout and is checked against TRAINED_SHA256 every time it is resolved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import convert
+from .checkpoint import CheckpointError
 from .clip import hf_config as clip_hf_config
 from .config import WanConfig
 from .dit import WanDiT
@@ -39,10 +46,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WANRT_CACHE", Path.home() / ".cache" / "wanrt"))
 
 
+# The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
+# scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
+TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+TRAINED_SHA256 = "4b6e953714f22aa50ab1200c07008a28e357a4023cbc65e6b7d8e605ac9e5c43"
+
+
+# What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's
+# training clips (64x64, 17 frames); the official 1280*720 x 81 would be a 3,600-token toy run for minutes.
+BUILTIN_SIZE = (64, 64)
+BUILTIN_FRAMES = 17
+
+
+def is_builtin(path) -> bool:
+    return str(path) in ("tiny", "tiny-random")
+
+
 def cached(name: str = "tiny") -> Path:
-    """Folder of the named built-in checkpoint, written on first use."""
+    """Folder of the named built-in checkpoint: `tiny` the shipped trained model (verified),
+    `tiny-random` the random one (written on first use)."""
     if name not in ("tiny", "tiny-random"):
         raise ValueError(f"unknown built-in checkpoint {name!r}")
+    if name == "tiny":
+        return trained()
     target = cache_dir() / f"tiny-random-v{FORMAT_VERSION}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +83,32 @@ def cached(name: str = "tiny") -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def tree_sha256(folder: str | Path) -> str:
+    """sha256 over every file under `folder`: its relative path and the sha256 of its bytes, in path order."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def trained(folder: str | Path = TRAINED_DIR, expected: str = TRAINED_SHA256) -> Path:
+    """The shipped trained checkpoint folder, after checking its files against `expected`."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"the trained tiny checkpoint is missing from {folder}: reinstall wanrt, rebuild it "
+                              "with scripts/train_tiny.py, or use --ckpt_dir tiny-random")
+    digest = tree_sha256(folder)
+    if digest != expected:
+        raise CheckpointError(f"the trained tiny checkpoint in {folder} does not match its sha256 (got "
+                              f"{digest[:16]}..., expected {expected[:16]}...): its files were altered or are "
+                              "incomplete. Reinstall wanrt, or rebuild it with scripts/train_tiny.py and update "
+                              "TRAINED_SHA256")
+    return folder
 
 
 def random_models(config: WanConfig | None = None, seed: int = 0):

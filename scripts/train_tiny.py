@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Train the shipped tiny FLF2V model on synthetic clips, on the CPU, and write it in the official layout.
+
+    python scripts/train_tiny.py                       # all stages, into out/tiny_train, then wanrt/assets/tiny
+    python scripts/train_tiny.py --stage vae           # one stage (each stage resumes / skips if done)
+
+Stages (each saves its result in --workdir, so an interrupted run continues where it stopped):
+  base     random T5 + CLIP (+ tokenizer) of the tiny config, seeded; they stay frozen (see wanrt/tiny/train.py)
+  vae      the VAE as an autoencoder through its causal chunked path
+  latents  pre-encode the DiT training clips exactly as the pipeline does (latent, [first, zeros, last]
+           latent + mask, CLIP tokens, T5 contexts of all prompts and of the negative prompt)
+  dit      flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, timestep int(1000 s), sigmas
+           covering the shift-16 inference schedule, prompt dropout to the negative prompt, EMA
+  export   EMA DiT + VAE + the frozen encoders -> --out (official layout), sha256, loss-curve PNG
+
+Everything is seeded (data by seed and step, noise by a per-step generator); timings go to
+<workdir>/timings.json and the loss curves to <workdir>/loss.png. With the defaults the shipped model took
+1778 s on a shared 2-core CPU with one torch thread (vae 533 s, latents 161 s, dit 1083 s); the training
+stages save resumable state every 100 (VAE) / 250 (DiT) steps, so run it under nohup and rerun to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wanrt.models import loading, tiny  # noqa: E402
+from wanrt.models.config import FLF2V_NEG_PROMPT  # noqa: E402
+from wanrt.models.dit import WanDiT  # noqa: E402
+from wanrt.models.vae import WanVAE  # noqa: E402
+from wanrt.tiny import data, train  # noqa: E402
+
+STAGES = ("base", "vae", "latents", "dit", "export")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def record_time(workdir: Path, stage: str, seconds: float) -> None:
+    path = workdir / "timings.json"
+    t = json.loads(path.read_text()) if path.is_file() else {}
+    t[stage] = round(seconds, 1)
+    path.write_text(json.dumps(t, indent=2))
+
+
+def load_models(workdir: Path, vae: bool = True):
+    """The frozen encoders (and tokenizer) exactly as the pipeline will load them from the checkpoint
+    (T5 round-tripped through its bf16 file), plus the trained VAE when there is one."""
+    models = loading.load(workdir / "base")
+    if vae and (workdir / "vae.pth").is_file():
+        models.vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
+    return models
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def stage_base(args, workdir: Path) -> None:
+    if (workdir / "base" / "config.json").is_file():
+        return
+    tmp = workdir / "base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny.write(tmp, layout="official", seed=args.seed, config=train.trained_config())
+    tmp.rename(workdir / "base")
+
+
+def stage_vae(args, workdir: Path) -> None:
+    final = workdir / "vae.pth"
+    if final.is_file():
+        return
+    torch.manual_seed(args.seed)
+    vae = WanVAE(train.trained_config().vae).train()
+    train.init_vae(vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    state_path, history, start = workdir / "vae_state.pt", [], 0
+    if state_path.is_file():  # resume
+        st = torch.load(state_path, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        history, start = st["history"], st["step"]
+        log(f"vae: resuming at step {start}")
+    t0 = time.time()
+    with train.fast_vae_norm():
+        for step in range(start, args.vae_steps):
+            for g in opt.param_groups:
+                g["lr"] = train.cosine_lr(step, args.vae_steps, args.vae_lr, warmup=50)
+            torch.manual_seed(args.seed * 1_000_003 + step)  # latent noise, reproducible across resumes
+            # crops for most steps, whole frames at the end (the middle attention sees the full 8x8 grid)
+            crop = 32 if step < args.vae_steps - args.vae_full_steps else None
+            video, weight = train.vae_batch(step, args.vae_batch, args.seed, crop)
+            loss = train.vae_loss(vae, video, weight)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            history.append((step, loss.recon, loss.psnr, loss.moments))
+            if step % 50 == 0 or step == args.vae_steps - 1:
+                recent = history[-50:]
+                log(f"vae {step:5d}/{args.vae_steps}  recon {np.mean([h[1] for h in recent]):.4f}  "
+                    f"psnr {np.mean([h[2] for h in recent]):.2f} dB  moments {np.mean([h[3] for h in recent]):.3f}  "
+                    f"({time.time() - t0:.0f} s)")
+            if (step + 1) % 100 == 0:
+                torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "history": history,
+                            "step": step + 1}, state_path)
+    torch.save(vae.state_dict(), final)
+    (workdir / "vae_history.json").write_text(json.dumps(history))
+
+
+def group_seeds(args) -> dict[tuple[int, int, int], list[int]]:
+    """Disjoint training seeds per (frames, width, height) group."""
+    out, next_seed = {}, args.seed * 100_000
+    for frames, w, h, share in train.GROUPS:
+        n = max(1, round(args.clips * share))
+        out[(frames, w, h)] = list(range(next_seed, next_seed + n))
+        next_seed += n
+    assert next_seed < data.HELDOUT_SEED0
+    return out
+
+
+def stage_latents(args, workdir: Path) -> None:
+    final = workdir / "latents.pt"
+    if final.is_file():
+        return
+    from wanrt.pipeline import FLF2VPipeline
+    from wanrt.runtime.backends import eager
+
+    models = load_models(workdir)
+    pipe = FLF2VPipeline(eager(models), models.config, models.text_encoder.tokenizer, torch.device("cpu"))
+    seeds = group_seeds(args)
+    prompts = sorted({p for (f, w, h), s in seeds.items() for p in train.group_prompts(s, f, w, h)})
+    prompts.append(FLF2V_NEG_PROMPT)  # last row: the unconditional branch (prompt dropout)
+    index = {p: i for i, p in enumerate(prompts)}
+    context, bias = train.compact_context(pipe, prompts)
+    groups = {}
+    t0 = time.time()
+    with train.fast_vae_norm():
+        for (frames, w, h), s in seeds.items():
+            groups[(frames, w, h)] = train.encode_group(pipe, s, frames, w, h, index).__dict__
+            log(f"latents: {len(s)} clips of {frames} frames {w}x{h} ({time.time() - t0:.0f} s)")
+    x0 = torch.cat([g["x0"].flatten() for g in groups.values()])
+    log(f"latents: per-element mean {x0.mean():.3f} std {x0.std():.3f} (the DiT assumes ~0 / ~1)")
+    torch.save({"prompts": prompts, "context": context, "bias": bias, "groups": groups}, final)
+
+
+def stage_dit(args, workdir: Path) -> None:
+    final = workdir / "dit_ema.pt"
+    if final.is_file():
+        return
+    lat = torch.load(workdir / "latents.pt", weights_only=False)
+    groups = {k: train.LatentSet(**v) for k, v in lat["groups"].items()}
+    keys = list(groups)
+    shares = np.array([g[3] for g in train.GROUPS])
+    context, bias = lat["context"], lat["bias"]
+    neg = len(lat["prompts"]) - 1
+    torch.manual_seed(args.seed)
+    cfg = train.trained_config().dit
+    dit = WanDiT(cfg).train()
+    train.init_dit(dit)
+    ema = train.EMA(dit, args.ema)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ropes = {}
+    state_path, history, start = workdir / "dit_state.pt", [], 0
+    if state_path.is_file():
+        st = torch.load(state_path, weights_only=False)
+        dit.load_state_dict(st["model"])
+        ema.shadow = st["ema"]
+        opt.load_state_dict(st["opt"])
+        history, start = st["history"], st["step"]
+        log(f"dit: resuming at step {start}")
+    t0 = time.time()
+    for step in range(start, args.dit_steps):
+        for g in opt.param_groups:
+            g["lr"] = train.cosine_lr(step, args.dit_steps, args.dit_lr, warmup=100)
+        rng = np.random.default_rng([args.seed, 7, step])
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        key = keys[rng.choice(len(keys), p=shares / shares.sum())]
+        g = groups[key]
+        idx = torch.from_numpy(rng.integers(0, len(g.x0), args.dit_batch))
+        x0, y, clip_fea, pidx = g.x0[idx], g.y[idx], g.clip[idx], g.prompt[idx].clone()
+        # object cells weigh more: the static background is copied from the given frames early on, the
+        # moving object is what the model has to learn to place
+        weight = 1.0 + args.object_weight * g.objects[idx][:, None].float()
+        # the latent frames that carry the given first and last frame: users compare those to their inputs
+        weight[:, :, [0, -1]] += args.given_weight
+        pidx[torch.from_numpy(rng.random(args.dit_batch) < args.prompt_dropout)] = neg
+        sigma = train.sample_sigmas(args.dit_batch, gen)
+        # the sampler feeds the DiT int(1000 sigma) (truncated) while mixing with the float sigma; do the same
+        t = (sigma * 1000).long().clamp(0, 999)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        grid = dit.grid(x0)
+        if grid not in ropes:
+            ropes[grid] = dit.rope(*grid)
+        pred = train.dit_forward_compact(dit, xt, t, context[pidx], bias[pidx], clip_fea, y, ropes[grid])
+        per_sample = (weight * (pred - (noise - x0)).square()).flatten(1).mean(1) / weight.flatten(1).mean(1)
+        loss = per_sample.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        ema.update(dit, step)
+        # x0 error at high noise (sigma > 0.8): what 4-10 step sampling mostly relies on
+        hi = sigma > 0.8
+        x0_err = ((per_sample[hi] * sigma[hi] ** 2).mean().item() if hi.any() else float("nan"))
+        history.append((step, loss.item(), x0_err))
+        if step % 50 == 0 or step == args.dit_steps - 1:
+            recent = history[-50:]
+            log(f"dit {step:5d}/{args.dit_steps}  loss {np.mean([h[1] for h in recent]):.4f}  "
+                f"x0 mse (sigma>0.8) {np.nanmean([h[2] for h in recent]):.4f}  ({time.time() - t0:.0f} s)")
+        if (step + 1) % 250 == 0:
+            torch.save({"model": dit.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
+                        "history": history, "step": step + 1}, state_path)
+    torch.save(ema.shadow, final)
+    (workdir / "dit_history.json").write_text(json.dumps(history))
+
+
+def stage_export(args, workdir: Path) -> None:
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(workdir / "base", tmp)
+    models = load_models(workdir)
+    dit = WanDiT(models.config.dit)
+    dit.load_state_dict(torch.load(workdir / "dit_ema.pt", weights_only=True))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
+              str(tmp / f"{loading.OFFICIAL_DIT_STEM}.safetensors"))
+    torch.save(models.vae.state_dict(), tmp / loading.OFFICIAL_VAE)
+    for f in tmp.rglob("*"):  # package data: readable by everyone (safetensors writes 0600)
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    digest = tiny.tree_sha256(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"export: {out} ({size / 1e6:.1f} MB), sha256 {digest}")
+    (workdir / "sha256.txt").write_text(digest + "\n")
+    plot(workdir)
+
+
+def plot(workdir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    vh = json.loads((workdir / "vae_history.json").read_text())
+    dh = json.loads((workdir / "dit_history.json").read_text())
+
+    def smooth(v, k=25):
+        v = np.asarray(v, dtype=float)
+        return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) > k else v
+
+    ax = axes[0]
+    ax.plot(smooth([h[2] for h in vh]), label="reconstruction PSNR (dB)")
+    ax.set_xlabel("VAE step (32x32 crops, then whole 64x64 frames)")
+    ax.set_ylabel("training-batch PSNR (dB)")
+    ax.set_title("VAE (autoencoder on synthetic clips)")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    ax.semilogy(smooth([h[1] for h in dh]), label="velocity MSE")
+    x0 = [h[2] for h in dh]
+    ax.semilogy(smooth([v for v in x0 if not math.isnan(v)]), label="x0 MSE at sigma > 0.8")
+    ax.set_xlabel("DiT step")
+    ax.set_title("DiT (flow matching, FLF2V conditioning)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(workdir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=str(ROOT / "out" / "tiny_train"))
+    p.add_argument("--out", default=str(ROOT / "wanrt" / "assets" / "tiny"))
+    p.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared 2-core box)")
+    p.add_argument("--vae_steps", type=int, default=1400)
+    p.add_argument("--vae_full_steps", type=int, default=250, help="last VAE steps on whole 64x64 frames")
+    p.add_argument("--vae_batch", type=int, default=8)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
+    p.add_argument("--dit_steps", type=int, default=3500)
+    p.add_argument("--dit_batch", type=int, default=32)
+    p.add_argument("--dit_lr", type=float, default=3e-3)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--prompt_dropout", type=float, default=0.1)
+    p.add_argument("--object_weight", type=float, default=3.0, help="extra DiT loss weight of object cells")
+    p.add_argument("--given_weight", type=float, default=2.0,
+                   help="extra DiT loss weight of the first and last latent frame")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    for stage in args.stage or STAGES:
+        t0 = time.time()
+        log(f"stage {stage}")
+        globals()[f"stage_{stage}"](args, workdir)
+        record_time(workdir, stage, time.time() - t0)
+        log(f"stage {stage} done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

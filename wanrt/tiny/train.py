@@ -1,0 +1,352 @@
+"""Training pieces for the shipped tiny FLF2V model (driven by scripts/train_tiny.py).
+
+What is trained and what is not:
+- T5 and CLIP stay the frozen random encoders of `wanrt.models.tiny.write` (seeded). They are
+  deterministic feature maps, so the DiT can learn to read them; training them would need real
+  text/image data and buys nothing for this toy task.
+- The VAE is trained as a (lightly regularised) autoencoder through its real causal chunked path
+  (chunk 0 = 1 frame, later chunks 4 frames with caches), with its normalised latents pushed towards
+  zero mean / unit variance per channel, because the DiT and the sampler assume latents on that scale
+  and the latent mean/std are the fixed official constants, not checkpoint tensors.
+- The DiT is trained by flow matching on pre-encoded latents with exactly the inputs the pipeline
+  builds (mask + VAE latent of [first, zeros, last], CLIP tokens of both frames, T5 context), and
+  prompt dropout to the pipeline's negative prompt, so classifier-free guidance has an unconditional
+  branch to work with. Its forward here (`dit_forward_compact`) is the model's own function on a
+  compacted text context, ~10x cheaper on a CPU (tested equal to WanDiT.forward).
+- Both losses weigh what a viewer looks at: object pixels / latent cells, and the frames that carry the
+  given first and last frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wanrt.kernels.fused import norm_modulate
+from wanrt.models import vae as vae_module
+from wanrt.models.config import DiTConfig, VAEConfig, WanConfig
+from wanrt.models.vae import WanVAE, _CacheIO, decode_chunks, encode_chunks
+from wanrt.pipeline import conditioning_video, flf2v_mask
+
+from . import data
+
+# The compact text context the training forward uses (see `compact_context`); every training prompt
+# and the negative prompt tokenise to far fewer tokens than this (checked when the data is built).
+COMPACT_TEXT_LEN = 48
+
+# (frames, width, height, share of DiT batches). 17 x 64x64 is the main task; 9 frames and 64x48
+# (the 4:3 shape of the built-in demo frames) are there so the README/demo commands are in-distribution.
+GROUPS = ((17, 64, 64, 0.55), (17, 64, 48, 0.15), (9, 64, 64, 0.15), (9, 64, 48, 0.15))
+
+
+def trained_config() -> WanConfig:
+    """Tiny T5/CLIP (frozen, random) as in WanConfig.tiny(); a wider, deeper DiT that can learn the
+    task; the tiny VAE widths. 4 DiT heads, so the 2- and 4-way head splits of the tests still apply."""
+    base = WanConfig.tiny()
+    dit = DiTConfig(dim=128, ffn_dim=384, freq_dim=64, text_dim=base.t5.dim, num_heads=4, num_layers=4,
+                    clip_dim=base.clip.dim, clip_tokens=base.clip.num_tokens)
+    # one residual block per level instead of two: same module types and chunking, half the convs,
+    # which is what lets the VAE train in minutes on a CPU
+    return base.replace(dit=dit, vae=VAEConfig(dim=8, num_res_blocks=1))
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+@contextlib.contextmanager
+def fast_vae_norm() -> Iterator[None]:
+    """Swap the VAE's RMS_norm forward for an equal formula that is ~2x faster on the CPU.
+
+    F.normalize over dim 1 of a (B, C, T, H, W) tensor runs a strided vector-norm kernel that takes a
+    third of the tiny VAE's time; sum-of-squares + rsqrt is the same value (to ~1e-6) and vectorises.
+    Used only while training and pre-encoding; the shipped model is measured with the real module code.
+    """
+    original = vae_module.RMS_norm.forward
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(1e-24)) * (self.scale * self.gamma)
+
+    vae_module.RMS_norm.forward = forward
+    try:
+        yield
+    finally:
+        vae_module.RMS_norm.forward = original
+
+
+def init_vae(vae: WanVAE) -> None:
+    """A start that already passes images through, instead of PyTorch's default init.
+
+    With the default init each conv shrinks its input by ~1/sqrt(3) while the biases add constants, so
+    after the ~20 convs between pixels and latent every image maps to nearly the same latent (measured:
+    across-batch latent std 0.005) and training crawls. Here:
+    - 3x3x3 causal convs start as 2D convs on the current frame (the last temporal tap), He-scaled,
+      so the first chunk (which sees zero past frames) and later chunks behave alike;
+    - the temporal resampling convs start as identities on the current frame (decimation / repeat);
+    - the second conv of each residual branch starts small, so every block starts near identity;
+    - all biases start at zero.
+    """
+    import torch.nn as nn
+
+    gen = torch.Generator().manual_seed(0)
+    second = {id(m.residual[6]) for m in vae.modules() if isinstance(m, vae_module.ResidualBlock)}
+    # the per-frame attention blocks start as identities too (a random global mix blurs every image)
+    second |= {id(m.proj) for m in vae.modules() if isinstance(m, vae_module.AttentionBlock)}
+    with torch.no_grad():
+        for name, m in vae.named_modules():
+            if not isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                continue
+            w = m.weight
+            m.bias.zero_()
+            if name.endswith("time_conv"):  # (out, in, 3, 1, 1), out = in or 2 * in
+                w.zero_()
+                out, inn = w.shape[:2]
+                w[:, :, -1, 0, 0] = torch.eye(inn).repeat(out // inn, 1)
+                continue
+            after_act = isinstance(m, vae_module.CausalConv3d) and w.shape[2] == 3
+            gain = 0.2 if id(m) in second else (1.6 if after_act else 1.0)
+            if w.dim() == 5 and w.shape[2] == 3:
+                w.zero_()
+                fan_in = w.shape[1] * w.shape[3] * w.shape[4]
+                w[:, :, -1] = torch.randn(w[:, :, -1].shape, generator=gen) * gain / fan_in**0.5
+            else:
+                fan_in = w[0].numel()
+                w.copy_(torch.randn(w.shape, generator=gen) * gain / fan_in**0.5)
+
+
+def vae_encode_train(vae: WanVAE, video: torch.Tensor) -> torch.Tensor:
+    """Normalised mu through the real chunked encoder, with gradients (WanVAE.encode is the same math)."""
+    z_dim = vae.cfg.z_dim
+
+    def chunk(x, caches):
+        io = _CacheIO(caches)
+        mu = vae.conv1(vae.encoder(x, io))[:, :z_dim]
+        return (mu - vae.mean) * (1.0 / vae.std), io.finish()
+
+    return encode_chunks(chunk, video, vae.cfg.temporal_stride)
+
+
+def vae_decode_train(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
+    """WanVAE.decode without the final clamp, so pixels outside [-1, 1] still get gradients."""
+
+    def chunk(zc, caches):
+        io = _CacheIO(caches)
+        return vae.decoder(vae.conv2(zc / (1.0 / vae.std) + vae.mean), io), io.finish()
+
+    return decode_chunks(chunk, z)
+
+
+def vae_batch(step: int, batch: int, seed: int, crop: int | None = None, object_weight: float = 4.0,
+              key_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video (B, 3, T, H, W) in [-1, 1], pixel weights (B, 1, T, H, W)), deterministic in (step, seed).
+
+    Windows of synthetic clips: T is 1 (the first-chunk path alone: cheap steps), 5 (first chunk + one
+    4-frame chunk) or 9 (also chunk-to-chunk caches); frames are 64x64 or 64x48, or a random crop x crop
+    window of them (the VAE is convolutional, and a 32x32 step costs a quarter of a 64x64 one). Object
+    pixels (known from the clip's background) weigh 1 + object_weight: they are a few percent of the
+    frame but all of what the video is about, and a plain mean lets the VAE leave them blurry. Frames 0,
+    4, 8 (chunk 0 and the last frame of each 4-frame chunk: where FLF2V's given first and last frame sit)
+    weigh key_weight more, since the user compares those to the frames they gave."""
+    rng = np.random.default_rng([seed, step])
+    t = int(rng.choice([1, 5, 9], p=[0.2, 0.55, 0.25]))
+    w, h = (64, 48) if rng.random() < 0.3 else (64, 64)
+    vids, masks = [], []
+    for _ in range(batch):
+        clip = data.make_clip(int(rng.integers(data.TRAIN_SEEDS.stop)), data.FRAMES, w, h)
+        start = int(rng.integers(0, data.FRAMES - t + 1))
+        v = clip.frames[start:start + t]
+        m = data.object_mask(v, clip.background, threshold=8)
+        if crop:
+            y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            v, m = v[:, y0:y0 + crop, x0:x0 + crop], m[:, y0:y0 + crop, x0:x0 + crop]
+        vids.append(v)
+        masks.append(m)
+    weight = 1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
+    weight[:, :, ::4] *= 1.0 + key_weight
+    return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(B, F, H, W, 3) uint8 -> (B, 3, F, H, W) float in [-1, 1], the pipeline's load_image scaling."""
+    return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(255).sub(0.5).div(0.5)
+
+
+@dataclass
+class VAELoss:
+    total: torch.Tensor
+    recon: float
+    psnr: float
+    moments: float
+
+
+def vae_loss(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor | None = None, latent_noise: float = 0.1,
+             moment_weight: float = 0.05) -> VAELoss:
+    z = vae_encode_train(vae, video)
+    # Noise on the latent: the decoder must tolerate the DiT's imperfect latents, and it keeps the
+    # encoder from hiding information in tiny latent differences.
+    zn = z + latent_noise * torch.randn_like(z)
+    out = vae_decode_train(vae, zn)
+    w = torch.ones_like(video[:, :1]) if weight is None else weight
+    err = out - video
+    recon = ((w * err.square()).mean() + 0.5 * (w * err.abs()).mean()) / w.mean()
+    flat = z.transpose(0, 1).reshape(z.shape[1], -1)  # per latent channel
+    moments = flat.mean(1).square().mean() + (flat.var(1) - 1.0).square().mean()
+    with torch.no_grad():
+        psnr = 10 * math.log10(4.0 / max(F.mse_loss(out.clamp(-1, 1), video).item(), 1e-12))  # range 2
+    return VAELoss(recon + moment_weight * moments, recon.item(), psnr, moments.item())
+
+
+# --------------------------------------------------------------------------------------- DiT data
+
+
+@dataclass
+class LatentSet:
+    """Everything the DiT sees for N clips of one (frames, width, height) group, pre-encoded."""
+
+    x0: torch.Tensor  # (N, 16, T, h, w) normalised latent of the clip
+    y: torch.Tensor  # (N, 20, T, h, w) mask + latent of [first, zeros, last]
+    clip: torch.Tensor  # (N, 2 * tokens, clip_dim) CLIP tokens of first and last frame
+    prompt: torch.Tensor  # (N,) int64 index into the prompt table
+    objects: torch.Tensor  # (N, T, h, w) bool: latent cells the object touches (see latent_object_mask)
+
+
+def latent_object_mask(clip: data.Clip, stride: int = 8) -> torch.Tensor:
+    """(T_lat, H/8, W/8) bool: latent cells whose pixels (in their 1- or 4-frame chunk) show the object,
+    grown by one cell because the VAE's receptive field spreads an object into its neighbours."""
+    m = torch.from_numpy(data.object_mask(clip.frames, clip.background, threshold=8)).float()  # (F, H, W)
+    chunks = [m[:1]] + [m[1 + 4 * i:5 + 4 * i] for i in range((len(m) - 1) // 4)]
+    lat = torch.stack([c.amax(0) for c in chunks])[:, None]  # (T, 1, H, W)
+    lat = F.max_pool2d(lat, stride)
+    return F.max_pool2d(lat, 3, stride=1, padding=1)[:, 0] > 0
+
+
+@torch.no_grad()
+def encode_group(pipe, seeds, frames: int, width: int, height: int, prompt_index: dict[str, int],
+                 batch: int = 16) -> LatentSet:
+    """Pre-encode clips exactly as FLF2VPipeline.generate builds its inputs (same helpers)."""
+    x0s, ys, clips, prompts, objects = [], [], [], [], []
+    lat_h, lat_w = height // 8, width // 8
+    mask = flf2v_mask(frames, lat_h, lat_w)[None]
+    for lo in range(0, len(seeds), batch):
+        cs = [data.make_clip(s, frames, width, height) for s in seeds[lo:lo + batch]]
+        video = frames_to_tensor(np.stack([c.frames for c in cs]))
+        x0s.append(pipe.vae_encode(video))
+        cond = torch.cat([conditioning_video(v[:, 0], v[:, -1], frames, height, width) for v in video])
+        ys.append(torch.cat([mask.expand(len(cs), -1, -1, -1, -1), pipe.vae_encode(cond)], dim=1))
+        clips.append(torch.cat([pipe.encode_image(v[:, 0], v[:, -1]) for v in video]))
+        prompts += [prompt_index[c.prompt] for c in cs]
+        objects += [latent_object_mask(c) for c in cs]
+    return LatentSet(torch.cat(x0s), torch.cat(ys), torch.cat(clips), torch.tensor(prompts), torch.stack(objects))
+
+
+def group_prompts(seeds, frames: int, width: int, height: int) -> list[str]:
+    return [data.make_clip(s, frames, width, height).prompt for s in seeds]
+
+
+@torch.no_grad()
+def compact_context(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 contexts as (P, COMPACT_TEXT_LEN, text_dim) plus a per-key log-multiplicity (P, COMPACT_TEXT_LEN).
+
+    The pipeline feeds the DiT 512 text rows, of which all after the prompt's tokens are exactly zero
+    and therefore give identical keys and values. Attention over n identical keys equals attention over
+    one of them with log(n) added to its logit, so we keep the real rows plus a few zero rows whose
+    logits carry log((512 - L) / zero_rows). Same result, ~10x less work per training step.
+    """
+    out, bias = [], []
+    text_len = pipe.config.t5.text_len
+    for lo in range(0, len(prompts), 8):
+        ctx = pipe.encode_text(prompts[lo:lo + 8])  # (b, 512, C)
+        for row in ctx:
+            n = int((row.abs().sum(-1) > 0).nonzero().max()) + 1 if row.abs().sum() > 0 else 0
+            if n >= COMPACT_TEXT_LEN:
+                raise ValueError(f"a prompt has {n} tokens; raise COMPACT_TEXT_LEN ({COMPACT_TEXT_LEN})")
+            c = torch.zeros(COMPACT_TEXT_LEN, row.shape[-1])
+            c[:n] = row[:n]
+            b = torch.zeros(COMPACT_TEXT_LEN)
+            b[n:] = math.log((text_len - n) / (COMPACT_TEXT_LEN - n))
+            out.append(c)
+            bias.append(b)
+    return torch.stack(out), torch.stack(bias)
+
+
+# ------------------------------------------------------------------------------------ DiT forward
+
+
+def _cross_attention(attn, x, context_img, context_txt, txt_bias):
+    """WanI2VCrossAttention.forward with the compact text context (additive key bias on the text part)."""
+    b, n, d = x.shape[0], attn.num_heads, attn.head_dim
+    q = attn.norm_q(attn.q(x)).view(b, -1, n, d).transpose(1, 2)
+    k = attn.norm_k(attn.k(context_txt)).view(b, -1, n, d).transpose(1, 2)
+    v = attn.v(context_txt).view(b, -1, n, d).transpose(1, 2)
+    k_img = attn.norm_k_img(attn.k_img(context_img)).view(b, -1, n, d).transpose(1, 2)
+    v_img = attn.v_img(context_img).view(b, -1, n, d).transpose(1, 2)
+    img_x = F.scaled_dot_product_attention(q, k_img, v_img)
+    txt_x = F.scaled_dot_product_attention(q, k, v, attn_mask=txt_bias[:, None, None, :])
+    return attn.o((txt_x + img_x).transpose(1, 2).flatten(2))
+
+
+def dit_forward_compact(dit, x, t, context, txt_bias, clip_fea, y, rope):
+    """WanDiT.forward where the 512-row text context is given in compact form (see compact_context).
+    Numerically the same function as the model's forward on the full context (tested)."""
+    f, h, w = dit.grid(x)
+    e, e0 = dit.embed_time(t)
+    context_img, context_txt = dit.img_emb(clip_fea), dit.text_embedding(context)
+    tokens = dit.patchify(x, y)
+    for blk in dit.blocks:
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (blk.modulation + e0).chunk(6, dim=1)
+        tokens = tokens + blk.self_attn(norm_modulate(tokens, shift_sa, scale_sa, blk.norm1.eps), rope) * gate_sa
+        tokens = tokens + _cross_attention(blk.cross_attn, blk.norm3(tokens), context_img, context_txt, txt_bias)
+        tokens = tokens + blk.ffn(norm_modulate(tokens, shift_ff, scale_ff, blk.norm2.eps)) * gate_ff
+    return dit.unpatchify(dit.head(tokens, e), f, h, w).float()
+
+
+def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The sampler's sigma shift, sigma = s u / (1 + (s - 1) u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def sample_sigmas(batch: int, gen: torch.Generator, shift: float = 16.0, low: float = 0.2) -> torch.Tensor:
+    """Half the batch from the inference distribution (uniform grid shifted by 16: mostly sigma > 0.8,
+    where 4-10 step sampling spends every step), half uniform in (low, 1) so the lower-noise end that the
+    50-step schedule reaches (its last model call is at sigma ~0.25) is learned as well; no schedule with
+    shift 16 ever calls the model below that, so training there would be wasted."""
+    u = torch.rand(batch, generator=gen)
+    s = shifted(u, shift)
+    uniform = torch.rand(batch, generator=gen) < 0.5
+    return torch.where(uniform, low + (1 - low) * u, s).clamp(1e-3, 0.999)
+
+
+def init_dit(dit) -> None:
+    """Zero the output projection (the usual DiT 'adaLN-zero'-style start: predict 0 velocity)."""
+    with torch.no_grad():
+        dit.head.head.weight.zero_()
+        dit.head.head.bias.zero_()
+
+
+class EMA:
+    """Exponential moving average of the parameters (with the usual 1 - 1/(10 + step) warm-up)."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
