@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Every GPU measurement behind the README's performance section, in ONE call that fits 10 minutes on one
-# H100 (the device machines allow 10 minutes per command). Steps, most important first, each under a
-# timeout computed from what is left of the budget, so a slow step never costs the ones after it:
-#   1. the full-size DiT CFG step (random 14B weights, 1280*720 x 81 = 75,600 tokens, batch 2):
-#      eager bf16, and aoti / tensorrt rows (built when a checkpoint folder exists; for random 14B weights
-#      the rows say why not: the bench does not write 33 GB of random weights to disk);
-#   2. the Triton kernels vs PyTorch (benchmarks/gpu_kernels.py, ~1-2 min);
-#   3. the small random config at the full token count, every backend (engines built on the spot).
+# Every GPU check and measurement behind the README, in ONE call that fits a short device lease (10 minutes
+# a command, 15 minutes a session). Steps, most important first, each under a timeout computed from what
+# is left of the budget, so a slow or failing step never costs the ones after it:
+#   1. the GPU tests (pytest -m gpu): Triton kernels on real launches, torch.compile, CUDA graph replay;
+#   2. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video
+#      (benchmarks/gpu_pipeline.py);
+#   3. the full-size DiT CFG step (random 14B weights, 1280*720 x 81 = 75,600 tokens, batch 2), eager bf16;
+#   4. the Triton kernels vs PyTorch at the 14B attention shapes (benchmarks/gpu_kernels.py);
+#   5. the small random config at the full token count, eager vs an AOTInductor package built on the spot.
 # Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results.
 #
-# Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels,plot]');
+# Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels]');
 # PYTHON picks it, PYTHONPATH gets this tree so the checkout runs without installing.
 #
-#   bash benchmarks/gpu_all.sh                    # BUDGET=570 seconds by default
+#   bash benchmarks/gpu_all.sh                    # BUDGET=470 seconds by default
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-benchmarks/results}
-BUDGET=${BUDGET:-570}
+BUDGET=${BUDGET:-470}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 START=$(date +%s)
 
 left() {  # seconds of budget left, capped at $1
@@ -43,15 +45,17 @@ step() {  # step NAME CAP CMD...: run CMD under min(CAP, budget left); log to $O
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step gpu-14b-dit-step 300 $PY -m wanrt.bench --ckpt_dir random:flf2v-14b --size '1280*720' --frame_num 81 \
-    --backends eager,aoti,tensorrt --what dit_step --repeat 2 --warmup 1 \
-    --json "$OUT/gpu-14b-dit-step.json" --plot "$OUT/gpu-14b-dit-step.png"
+step gpu-tests 120 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py
 
-step gpu-kernels 180 $PY benchmarks/gpu_kernels.py
+step gpu-pipeline 80 $PY benchmarks/gpu_pipeline.py --json "$OUT/gpu-pipeline.json"
+
+step gpu-14b-dit-step 170 $PY -m wanrt.bench --ckpt_dir random:flf2v-14b --size '1280*720' --frame_num 81 \
+    --backends eager --what dit_step --repeat 1 --warmup 1 --json "$OUT/gpu-14b-dit-step.json"
+
+step gpu-kernels 110 $PY benchmarks/gpu_kernels.py
 
 step gpu-small-720p 240 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
-    --backends eager,onnxruntime,aoti,tensorrt --what dit_step --repeat 3 --warmup 1 \
-    --json "$OUT/gpu-small-720p.json" --plot "$OUT/gpu-small-720p.png"
+    --backends eager,aoti --what dit_step --repeat 2 --warmup 1 --json "$OUT/gpu-small-720p.json"
 
 for f in "$OUT"/gpu-14b-dit-step.json "$OUT"/gpu-small-720p.json; do
     [ -f "$f" ] && $PY benchmarks/table.py "$f"

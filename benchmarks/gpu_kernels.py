@@ -3,13 +3,14 @@
     python benchmarks/gpu_kernels.py            # 720p (L = 75,600) and 480p (L = 32,760), ~1-2 min on an H100
     python benchmarks/gpu_kernels.py --quick    # L = 8,192 only, seconds
 
-Attention: batch 1, H = 40, D = 128, bf16, the Wan2.1-14B self-attention at 1280x720x81 (21x45x80 latent
-tokens) and 832x480x81 (21x30x52). Rows: PyTorch SDPA restricted to its flash backend (the baseline),
-our flash kernel, sage with FP8 P.V (sm89+ only) and sage with FP16 P.V. TFLOP/s counts 4 * L^2 * H * D
-per forward (two L x L x D matmuls per head, 2 flops per multiply-add). Errors are against fp32 attention
-of the same bf16 inputs (so they measure the kernel, not the input rounding) on `--ref-rows` query
-rows spread over the sequence: full fp32 attention at 75k tokens would need 40 x 75,600^2 x 4 B = 900 GB
-of scores.
+Attention: batch 1, H = 40, D = 128, bf16, the Wan2.1-14B self-attention at 1280x720x81 (21x45x80
+latent tokens) and 832x480x81 (21x30x52). Rows: PyTorch SDPA as the model calls it, PyTorch SDPA
+restricted to its flash backend, our flash kernel, sage with FP8 P.V (sm89+ only) and sage with FP16
+P.V. On Hopper PyTorch's default SDPA backend is cuDNN attention, faster than its FlashAttention-2
+backend; both rows are shown. TFLOP/s counts 4 * L^2 * H * D per forward (two L x L x D matmuls per
+head, 2 flops per multiply-add). Errors are against fp32 attention of the same bf16 inputs (so they
+measure the kernel, not the input rounding) on `--ref-rows` query rows spread over the sequence: full
+fp32 attention at 75k tokens would need 40 x 75,600^2 x 4 B = 900 GB of scores.
 
 Fused kernels at the 720p token count (C = 5120): norm_modulate on the fp32 residual stream and
 qk_norm_rope on a bf16 projection with an fp32 weight, as the DiT calls them; GB/s = bytes read + written
@@ -62,10 +63,15 @@ def _reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tor
     return out
 
 
+def _sdpa_default(q, k, v):
+    """What the "sdpa" seam runs: PyTorch picks the backend (cuDNN attention on an H200 with torch 2.11)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 def _sdpa_flash(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # what the "sdpa" seam runs, flash backend forced
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # FlashAttention-2, the backend our kernel is built like
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
@@ -77,7 +83,8 @@ def bench_attention(label: str, length: int, iters: int, ref_rows: int, table: l
     q, k, v = (torch.randn(1, length, H, D, device="cuda", generator=g).bfloat16() for _ in range(3))
     rows = torch.linspace(0, length - 1, min(ref_rows, length), device="cuda").long()
     ref = _reference_rows(q, k, v, rows)
-    impls = {"sdpa (flash backend)": _sdpa_flash, "wanrt flash": triton_attention.flash_attention}
+    impls = {"sdpa (default backend)": _sdpa_default, "sdpa (flash backend)": _sdpa_flash,
+             "wanrt flash": triton_attention.flash_attention}
     if triton_sage.fp8_supported(q.device):
         impls["wanrt sage fp8 P.V"] = lambda q, k, v: triton_sage.sage_attention(q, k, v, pv="fp8")
     impls["wanrt sage fp16 P.V"] = lambda q, k, v: triton_sage.sage_attention(q, k, v, pv="fp16")
