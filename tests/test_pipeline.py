@@ -194,6 +194,24 @@ def test_video_roundtrip_odd_size(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
+def test_atomic_writes_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    import os
+
+    from wanrt.engine.manifest import write_json_atomic
+    from wanrt.video import write_mp4, write_png
+
+    frames_ = np.zeros((5, 16, 16, 3), np.uint8)
+    old = os.umask(0o027)
+    try:
+        paths = [write_mp4(frames_, tmp_path / "v.mp4"), write_png(frames_[0], tmp_path / "f.png")]
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+        paths.append(tmp_path / "m.json")
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == 0o640, p  # 0666 minus the umask, as open() would give
+
+
 @pytest.mark.parametrize("attention,kernels,min_psnr", [("flash", "triton", 60.0), ("sage", "torch", 40.0)])
 def test_pipeline_with_triton_kernels(tiny_official, attention, kernels, min_psnr):
     """The whole eager pipeline with our Triton kernels selected (run by Triton's CPU interpreter here).

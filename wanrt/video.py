@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wanrt._files import as_if_opened
+
 
 class MediaError(Exception):
     """An input image or output video path is unusable."""
@@ -99,6 +101,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18
         worker.join()
         if failure:
             raise failure[0]
+        as_if_opened(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -137,6 +140,7 @@ def write_png(frame: np.ndarray, path: str | Path) -> Path:
     os.close(fd)
     try:
         Image.fromarray(frame).save(tmp, format="PNG")
+        as_if_opened(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
