@@ -13,7 +13,6 @@ relative on the tiny model, see tests/test_kernels.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -37,23 +36,11 @@ def main() -> int:
         return 2
 
     from wanrt.bench.flops import dit_forward_flops
-    from wanrt.bench.random import random_models
-    from wanrt.export.graphs import graph_module
-    from wanrt.export.specs import Target, graph_specs
+    from wanrt.bench.random import dit_step
     from wanrt.kernels import attention, fused
-    from wanrt.models.config import WanConfig
 
     w, h = (int(v) for v in args.size.split("*"))
-    cfg = WanConfig.flf2v_14b()
-    cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, num_layers=args.layers))
-    target = Target(w, h, args.frame_num)
-    spec = graph_specs(cfg, target)["dit"]
-    device = torch.device("cuda")
-    models = random_models(cfg, device=device, dtype=torch.bfloat16, components=("dit",))
-    g = torch.Generator(device=device).manual_seed(0)
-    inputs = [torch.randn(t.shape, generator=g, device=device) if t.dtype == "float32"
-              else torch.full(t.shape, 999, dtype=torch.int64, device=device) for t in spec.inputs]
-    module = graph_module("dit", models, target)
+    cfg, module, inputs = dit_step(w, h, args.frame_num, layers=args.layers, device="cuda")
     flops = dit_forward_flops(cfg, h, w, args.frame_num, batch=2)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.layers}-block 14B DiT, "
           f"{w}*{h} x {args.frame_num}, batch 2 (one CFG step), bf16 precision map", flush=True)

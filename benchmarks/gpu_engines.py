@@ -13,7 +13,6 @@ same inputs. Prints a compact table and writes JSON to --json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -50,26 +49,17 @@ def main() -> int:
         args.size, args.frame_num, args.layers = "480*272", 17, 4
 
     from wanrt.bench.flops import dit_forward_flops
-    from wanrt.bench.random import random_models
+    from wanrt.bench.random import dit_step
     from wanrt.engine.aoti import AOTIGraph, compile_package
-    from wanrt.export.graphs import graph_module
     from wanrt.export.specs import Target, graph_specs
-    from wanrt.models.config import WanConfig
 
     w, h = (int(v) for v in args.size.split("*"))
-    cfg = WanConfig.flf2v_14b()
-    cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, num_layers=args.layers))
-    target = Target(w, h, args.frame_num)
-    spec = graph_specs(cfg, target)["dit"]
     device = torch.device("cuda")
     t0 = time.perf_counter()
-    models = random_models(cfg, device=device, dtype=torch.bfloat16, components=("dit",))
+    cfg, module, inputs = dit_step(w, h, args.frame_num, layers=args.layers, device=device)
+    spec = graph_specs(cfg, Target(w, h, args.frame_num))["dit"]
     print(f"random {args.layers}-block 14B-width DiT on {torch.cuda.get_device_name()} in "
           f"{time.perf_counter() - t0:.1f} s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-    g = torch.Generator(device=device).manual_seed(0)
-    inputs = [torch.randn(t.shape, generator=g, device=device) if t.dtype == "float32"
-              else torch.full(t.shape, 999, dtype=torch.int64, device=device) for t in spec.inputs]
-    module = graph_module("dit", models, target)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "size": [w, h],
                "frame_num": args.frame_num, "layers": args.layers, "batch": 2}
 

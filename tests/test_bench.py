@@ -301,3 +301,18 @@ def test_random_14b_engines_say_why_they_cannot_run():
         assert row.status.startswith("unavailable: "), row.status
     assert "checkpoint folder" in report.row("onnxruntime", "dit_step").status
     assert report.row("aoti", "dit_step").flops == flops.cfg_step_flops(WanConfig.flf2v_14b(), 720, 1280, 81)
+
+
+def test_dit_step_helper_of_the_gpu_scripts():
+    """wanrt.bench.random.dit_step (benchmarks/gpu_dit_kernels.py, gpu_engines.py): the batch-2 step graph
+    with the asked number of blocks, deterministic weights and inputs."""
+    from wanrt.bench.random import dit_step
+    from wanrt.models.config import WanConfig
+
+    cfg, module, inputs = dit_step(W, H, F, layers=1, config=WanConfig.tiny(), device="cpu", dtype=None)
+    assert cfg.dit.num_layers == 1 and len(module.net.blocks) == 1
+    with torch.no_grad():
+        out = module(*inputs)
+        again = dit_step(W, H, F, layers=1, config=WanConfig.tiny(), device="cpu", dtype=None)
+        assert torch.equal(out, again[1](*again[2]))
+    assert out.shape == inputs[0].shape and torch.isfinite(out).all()

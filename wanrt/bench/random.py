@@ -91,3 +91,27 @@ def parameter_count(config: WanConfig, components: Iterable[str] = COMPONENTS) -
     """Number of parameters of the given components, counted on the meta device (no memory)."""
     models = build(config, device="meta", components=tuple(components))
     return sum(p.numel() for n in components for p in getattr(models, n).parameters())
+
+
+def dit_step(width: int, height: int, frame_num: int, layers: int | None = None,
+             config: WanConfig | None = None, device: str | torch.device = "cuda",
+             dtype: torch.dtype | None = torch.bfloat16, seed: int = 0):
+    """The DiT's batch-2 CFG step graph (`export.graphs.graph_module("dit")`) with random weights (default:
+    the 14B config, `layers` of its identical blocks) at width x height x frame_num, and random inputs
+    of its spec (timestep 999). Returns (config, module, inputs); for the GPU scripts in benchmarks/."""
+    import dataclasses
+
+    from wanrt.export.graphs import graph_module
+    from wanrt.export.specs import Target, graph_specs
+
+    cfg = config or WanConfig.flf2v_14b()
+    if layers is not None:
+        cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, num_layers=layers))
+    device = torch.device(device)
+    target = Target(width, height, frame_num)
+    spec = graph_specs(cfg, target)["dit"]
+    models = random_models(cfg, device=device, dtype=dtype, seed=seed, components=("dit",))
+    g = torch.Generator(device=device).manual_seed(seed)
+    inputs = [torch.randn(t.shape, generator=g, device=device) if t.dtype == "float32"
+              else torch.full(t.shape, 999, dtype=torch.int64, device=device) for t in spec.inputs]
+    return cfg, graph_module("dit", models, target), inputs
