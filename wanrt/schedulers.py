@@ -27,6 +27,12 @@ SIGMA, C_X, C_M, C_M1, C_M2, C_XL, P_X, P_M, P_M1 = range(9)
 NUM_COLUMNS = 9
 
 
+def shift_sigmas(s, shift: float):
+    """The flow-matching timestep shift, sigma' = shift * s / (1 + (shift - 1) * s), for numpy arrays or
+    tensors alike (the samplers shift their grid with it; the tiny model's training draws sigmas with it)."""
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
 @dataclass
 class SchedulerState:
     """Preallocated per-run tensors, all updated in place by ``step_with_state``.
@@ -66,7 +72,7 @@ class _LinearMultistepScheduler:
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         s = np.linspace(self.sigma_max, 0.0, n + 1)[:-1]
-        s = self.shift * s / (1.0 + (self.shift - 1.0) * s)
+        s = shift_sigmas(s, self.shift)
         # Official: int64 cast of the float64 sigma*T (truncation), while the math uses float32 sigmas.
         self.timesteps = torch.from_numpy(s * self.num_train_timesteps).to(device=device, dtype=torch.int64)
         sig32 = np.concatenate([s, [0.0]]).astype(np.float32)

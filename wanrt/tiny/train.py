@@ -33,6 +33,7 @@ from wanrt.models import vae as vae_module
 from wanrt.models.config import DiTConfig, VAEConfig, WanConfig
 from wanrt.models.vae import WanVAE, _CacheIO, decode_chunks, encode_chunks
 from wanrt.pipeline import conditioning_video, flf2v_mask
+from wanrt.schedulers import shift_sigmas
 
 from . import data
 
@@ -305,18 +306,13 @@ def dit_forward_compact(dit, x, t, context, txt_bias, clip_fea, y, rope):
     return dit.unpatchify(dit.head(tokens, e), f, h, w).float()
 
 
-def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """The sampler's sigma shift, sigma = s u / (1 + (s - 1) u)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def sample_sigmas(batch: int, gen: torch.Generator, shift: float = 16.0, low: float = 0.2) -> torch.Tensor:
     """Half the batch from the inference distribution (uniform grid shifted by 16: mostly sigma > 0.8,
     where 4-10 step sampling spends every step), half uniform in (low, 1) so the lower-noise end that the
     50-step schedule reaches (its last model call is at sigma ~0.25) is learned as well; no schedule with
     shift 16 ever calls the model below that, so training there would be wasted."""
     u = torch.rand(batch, generator=gen)
-    s = shifted(u, shift)
+    s = shift_sigmas(u, shift)
     uniform = torch.rand(batch, generator=gen) < 0.5
     return torch.where(uniform, low + (1 - low) * u, s).clamp(1e-3, 0.999)
 
