@@ -125,3 +125,10 @@ def test_real_subprocess_makes_decodable_mp4(tmp_path):
     assert not np.isnan(c).any()
     assert np.abs(c[0] - given[0]).max() < 3 and np.abs(c[-1] - given[1]).max() < 3  # starts and ends in place
     assert given[0, 0] + 5 < c[8, 0] < given[1, 0] - 5  # and is in between halfway
+
+
+def test_export_and_build_default_to_every_component():
+    from wanrt import cli
+    from wanrt.export.specs import COMPONENTS
+
+    assert ",".join(COMPONENTS) == cli.DEFAULT_COMPONENTS

@@ -266,19 +266,29 @@ def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], st
     return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo)
 
 
+# Options that `export` and `build` share (one target: exact size, frame count, components, DiT batch).
+CkptDirOpt = Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")]
+ExactSizeOpt = Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")]
+FrameNumOpt = Annotated[int, typer.Option("--frame_num", "--frame-num")]
+ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
+CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
+DebugOpt = Annotated[bool, typer.Option("--debug")]
+DEFAULT_COMPONENTS = "t5,clip,dit,vae_encoder,vae_decoder"  # export.specs.COMPONENTS (not imported: torch)
+
+
 @app.command(help="Export the models to static ONNX for one size and frame count (ENGINE_DIR/onnx/...).")
 def export(
-    ckpt_dir: Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")],
+    ckpt_dir: CkptDirOpt,
     out: Annotated[str, typer.Option("--out", help="Engine dir to write (manifest.json, onnx/).")],
-    size: Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")] = "1280*720",
-    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num")] = 81,
+    size: ExactSizeOpt = "1280*720",
+    frame_num: FrameNumOpt = 81,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8.")] = "bf16",
-    components: Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")
-                          ] = "t5,clip,dit,vae_encoder,vae_decoder",
-    batch: Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")] = 2,
-    calib_steps: Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")] = 4,
+    components: ComponentsOpt = DEFAULT_COMPONENTS,
+    batch: BatchOpt = 2,
+    calib_steps: CalibStepsOpt = 4,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
-    debug: Annotated[bool, typer.Option("--debug")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     try:
         from wanrt.export import export as run_export
@@ -296,24 +306,23 @@ def export(
 @app.command(help="Build engines once: TensorRT plans (from the exported ONNX) or AOTInductor packages, for one "
                   "size and frame count; run again with another --size to add a profile to the same engine dir.")
 def build(
-    ckpt_dir: Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")],
+    ckpt_dir: CkptDirOpt,
     out: Annotated[str, typer.Option("--out", help="Engine dir (manifest.json, onnx/, engines/).")],
     backend: Annotated[str, typer.Option("--backend", help="tensorrt or aoti.")] = "tensorrt",
-    size: Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")] = "1280*720",
-    frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num")] = 81,
+    size: ExactSizeOpt = "1280*720",
+    frame_num: FrameNumOpt = 81,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt).")] = "bf16",
-    components: Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")
-                          ] = "t5,clip,dit,vae_encoder,vae_decoder",
-    batch: Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")] = 2,
+    components: ComponentsOpt = DEFAULT_COMPONENTS,
+    batch: BatchOpt = 2,
     device: Annotated[str | None, typer.Option("--device", help="aoti: cpu or cuda (default: cuda if any).")] = None,
     attention: Annotated[str, typer.Option("--attention", help="aoti: sdpa or flash (Triton).")] = "sdpa",
     workspace_gb: Annotated[float, typer.Option("--workspace_gb", help="tensorrt builder workspace.")] = 8.0,
     opt_level: Annotated[int, typer.Option("--opt_level", help="tensorrt builder optimisation level 0-5.")] = 3,
     strip_weights: Annotated[bool, typer.Option("--strip_weights", help="tensorrt: weight-stripped plans, "
                                                 "refitted from the ONNX at load.")] = False,
-    calib_steps: Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")] = 4,
+    calib_steps: CalibStepsOpt = 4,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
-    debug: Annotated[bool, typer.Option("--debug")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     try:
         from wanrt.engine import build as run_build
