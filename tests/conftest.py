@@ -36,7 +36,7 @@ TINY_TARGET = (64, 48, 9)  # the engine target of the shared engine fixtures (4:
 @pytest.fixture(scope="session")
 def ort_engine(tiny_official, tmp_path_factory):
     """fp32 ONNX graphs of the tiny checkpoint (the onnxruntime backend's engine dir)."""
-    from wanrt.export import export
+    from wanrt.engine.exporter import export
     from wanrt.export.specs import Target
 
     out = tmp_path_factory.mktemp("ort_engine")

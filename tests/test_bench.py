@@ -230,15 +230,15 @@ def test_unavailable_and_failing_backends_are_reported(monkeypatch):
 
 
 def test_eager_vae_t5_clip_e2e_tiny(tmp_path):
-    report = run("tiny-random", size=(W, H), frame_num=F, backends="eager", what="vae,t5,clip,e2e", repeat=1, warmup=0,
-                 sample_steps=2, json_path=tmp_path / "b.json", log=quiet)
-    assert [r.component for r in report.rows] == ["vae_encode", "vae_decode", "t5", "clip", "e2e"]
+    report = run("tiny-random", size=(W, H), frame_num=F, backends="eager", what="vae,text_encoder,image_encoder,e2e",
+                 repeat=1, warmup=0, sample_steps=2, json_path=tmp_path / "b.json", log=quiet)
+    assert [r.component for r in report.rows] == ["vae_encode", "vae_decode", "text_encoder", "image_encoder", "e2e"]
     assert all(r.ok and r.flops > 0 for r in report.rows)
     e2e = report.row("eager", "e2e")
     assert e2e.shape["output"] == [F, H, W, 3]
     assert e2e.flops == flops.e2e_flops(report_config(), H, W, F, 2)
     _check_document(json.loads((tmp_path / "b.json").read_text()), ["eager"],
-                    ["vae_encode", "vae_decode", "t5", "clip", "e2e"])
+                    ["vae_encode", "vae_decode", "text_encoder", "image_encoder", "e2e"])
 
 
 def report_config() -> WanConfig:
@@ -256,15 +256,17 @@ def test_cli(tmp_path):
     app = typer.Typer()
     app.command("bench", help=HELP)(bench)
     out = tmp_path / "cli.json"
-    result = CliRunner().invoke(app, ["--ckpt_dir", "tiny-random", "--backends", "eager", "--what", "t5,clip",
-                                      "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    result = CliRunner().invoke(app, ["--ckpt_dir", "tiny-random", "--backends", "eager",
+                                      "--what", "text_encoder,image_encoder", "--repeat", "1", "--warmup", "0",
+                                      "--json", str(out)])
     assert result.exit_code == 0, result.output
-    want = "wanrt bench --ckpt_dir tiny-random --size '64*48' --frame_num 9 --backends eager --what t5,clip"
+    want = ("wanrt bench --ckpt_dir tiny-random --size '64*48' --frame_num 9 --backends eager "
+            "--what text_encoder,image_encoder")
     assert want in result.output
-    assert "t5: eager" in result.output and "clip: eager" in result.output
+    assert "text_encoder: eager" in result.output and "image_encoder: eager" in result.output
     doc = json.loads(out.read_text())
     assert doc["settings"]["command"].startswith("wanrt bench --ckpt_dir tiny-random")
-    assert [r["component"] for r in doc["results"]] == ["t5", "clip"]
+    assert [r["component"] for r in doc["results"]] == ["text_encoder", "image_encoder"]
 
     bad = CliRunner().invoke(app, ["--ckpt_dir", "tiny-random", "--size", "65*48"])
     assert bad.exit_code == 1 and "error: --size 65*48" in bad.output
@@ -284,8 +286,8 @@ def test_aoti_tiny_matches_eager(tmp_path):
 
 @pytest.mark.slow
 def test_every_component_onnxruntime_tiny(tmp_path):
-    report = run("tiny-random", size=(W, H), frame_num=F, backends="eager,onnxruntime", what="dit_step,vae,t5,clip,e2e",
-                 repeat=1, engine_dir=tmp_path, log=quiet)
+    report = run("tiny-random", size=(W, H), frame_num=F, backends="eager,onnxruntime",
+                 what="dit_step,vae,text_encoder,image_encoder,e2e", repeat=1, engine_dir=tmp_path, log=quiet)
     for r in report.rows:
         assert r.ok, (r.component, r.backend, r.status)
         if r.backend == "onnxruntime":

@@ -13,8 +13,9 @@ import onnx
 import pytest
 import torch
 
+from wanrt.engine.exporter import export
 from wanrt.engine.manifest import EngineError, Manifest
-from wanrt.export import export, graph_file, graph_key
+from wanrt.export import graph_file, graph_key
 from wanrt.export.onnx import check_graph, trt_supported_ops
 from wanrt.export.specs import Target, graph_specs
 from wanrt.models.loading import load
@@ -170,17 +171,17 @@ def test_rerun_skips_and_crash_leaves_honest_manifest(engine, tiny_official, tmp
 
     monkeypatch.setattr(onnx_export, "write", failing)
     with pytest.raises(KeyboardInterrupt):
-        export(tiny_official, out, TARGET, precision="fp32", components=["t5", "dit"], log=lambda s: None)
+        export(tiny_official, out, TARGET, precision="fp32", components=["text_encoder", "dit"], log=lambda s: None)
     data = json.loads((out / "manifest.json").read_text())
     assert list(data["graphs"]) == ["t5"]
     assert not (out / graph_file("dit", TARGET)).exists()
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left
     with pytest.raises(EngineError, match="precision fp32"):
-        export(tiny_official, out, TARGET, precision="bf16", components=["t5"], log=lambda s: None)
+        export(tiny_official, out, TARGET, precision="bf16", components=["text_encoder"], log=lambda s: None)
 
 
 def test_external_data(tiny_official, tmp_path):
-    export(tiny_official, tmp_path, TARGET, precision="fp32", components=["clip"], inline_limit=0,
+    export(tiny_official, tmp_path, TARGET, precision="fp32", components=["image_encoder"], inline_limit=0,
            log=lambda s: None)
     files = Manifest.load(tmp_path).entry("graphs", "clip")["files"]
     assert sorted(files) == ["onnx/clip.onnx", "onnx/clip.onnx.data"]

@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from wanrt.export import _fetcher, export, fp8, graph_file
+from wanrt.engine.exporter import export
+from wanrt.export import _fetcher, fp8, graph_file
 from wanrt.export import onnx as onnx_export
 from wanrt.export.graphs import build_graph, example_inputs
 from wanrt.export.specs import Target, graph_specs
@@ -26,7 +27,9 @@ def pipe(tiny_official):
 
 @pytest.fixture(scope="module")
 def calibration(pipe):
-    return fp8.calibrate(pipe, TARGET, steps=2)
+    from wanrt.calibration import calibrate
+
+    return calibrate(pipe, TARGET, steps=2, prompts=("a bird",))
 
 
 def _inputs(spec):

@@ -251,17 +251,17 @@ def generate(
 
 def _target(size: str, frame_num: int, batch: int, components: str):
     """The engine target and the component list of `export` / `build`."""
-    from wanrt.export.specs import Target
+    from wanrt.export.specs import Target, check_components
 
     w, h = parse_size(size)
-    return Target(w, h, frame_num, batch), [c.strip() for c in components.split(",") if c.strip()]
+    return Target(w, h, frame_num, batch), check_components(components)
 
 
 def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int) -> dict | None:
     """fp8 DiT exports need activation scales from a few real denoising steps (stored in the engine dir)."""
     if precision != "fp8" or "dit" not in parts:
         return None
-    from wanrt.export.fp8 import calibrate_to
+    from wanrt.calibration import calibrate_to
 
     return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo)
 
@@ -274,7 +274,7 @@ ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separate
 BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
 DebugOpt = Annotated[bool, typer.Option("--debug")]
-DEFAULT_COMPONENTS = "t5,clip,dit,vae_encoder,vae_decoder"  # export.specs.COMPONENTS (not imported: torch)
+DEFAULT_COMPONENTS = "text_encoder,image_encoder,dit,vae"  # export.specs.COMPONENTS (not imported: torch)
 
 
 @app.command(help="Export the models to static ONNX for one size and frame count (ENGINE_DIR/onnx/...).")
@@ -291,7 +291,7 @@ def export(
     debug: DebugOpt = False,
 ) -> None:
     try:
-        from wanrt.export import export as run_export
+        from wanrt.engine.exporter import export as run_export
 
         target, parts = _target(size, frame_num, batch, components)
         t0 = time.perf_counter()
@@ -320,6 +320,7 @@ def build(
     opt_level: Annotated[int, typer.Option("--opt_level", help="tensorrt builder optimisation level 0-5.")] = 3,
     strip_weights: Annotated[bool, typer.Option("--strip_weights", help="tensorrt: weight-stripped plans, "
                                                 "refitted from the ONNX at load.")] = False,
+    tf32: Annotated[bool, typer.Option("--tf32", help="tensorrt: allow TF32 in the fp32 graphs (VAE).")] = False,
     calib_steps: CalibStepsOpt = 4,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     debug: DebugOpt = False,
@@ -334,7 +335,8 @@ def build(
             from wanrt.engine.tensorrt import require
 
             require()  # one clear line before any export work when TensorRT is absent
-            options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights)
+            options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights,
+                           tf32=tf32)
             _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)

@@ -183,7 +183,7 @@ class FLF2VPipeline:
                         backend: str = "eager", engine_dir: str | Path | None = None,
                         size: tuple[int, int] | None = None, frame_num: int | None = None,
                         memory: str = "resident", cuda_graphs: bool = True,
-                        overrides: dict[str, str] | None = None) -> FLF2VPipeline:
+                        overrides: dict[str, str] | None = None, **load_options) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
@@ -193,49 +193,17 @@ class FLF2VPipeline:
         engines were built from). Such a pipeline is fixed to its profile's size and frame count.
         memory: 'resident' | 'sequential' | 't5_cpu' (see runtime/memory.py); cuda_graphs: capture the
         denoising step as one CUDA graph on CUDA (False to compare). overrides: per-component backends,
-        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae)."""
-        from wanrt.runtime.backends import COMPONENTS, Backends, eager, from_engine_dir
+        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae).
+        The backends come from the one assembler, wanrt.runtime.load_backends (`load_options` go to it)."""
+        from wanrt.runtime.backends import BackendChoiceError, load_backends
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        choice = dict.fromkeys(COMPONENTS, backend) | dict(overrides or {})
-        unknown = sorted(set(choice) - set(COMPONENTS))
-        if unknown:
-            raise InputError(f"unknown component(s) {unknown} in the backend overrides; use {', '.join(COMPONENTS)}")
-        parts: dict = {}
-        config = tokenizer = target = None
-        for kind in sorted(set(choice.values()) - {"eager"}):
-            if engine_dir is None:
-                raise InputError(f"backend {kind!r} needs an engine dir (--engine_dir)")
-            w, h = size if size is not None else (None, None)
-            got, config, tokenizer, target = from_engine_dir(
-                engine_dir, kind, device, w, h, frame_num, None if path is None else str(path),
-                components=[c for c in COMPONENTS if choice[c] == kind])
-            parts.update(got)
-        eager_parts = [c for c in COMPONENTS if choice[c] == "eager"]
-        models = None
-        if eager_parts:
-            from wanrt.models.loading import load
-
-            if path is None:
-                raise InputError("a checkpoint path (or 'tiny') is needed for the eager backend")
-            if dtype is None:
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            load_device = "cpu" if memory != "resident" else device  # offloaded models never all sit on the GPU
-            models = load(path, device=load_device, dtype=dtype if dtype != torch.float32 else None,
-                          components=eager_parts)
-            if memory != "resident" and models.dit is not None:
-                models.dit.to(device)
-            ours = eager(models)
-            parts.update({c: getattr(ours, c) for c in eager_parts})
-            config = config or models.config
-            tokenizer = tokenizer or (models.text_encoder.tokenizer if models.text_encoder else None)
-        if tokenizer is None:
-            from wanrt.models.loading import Checkpoint
-
-            tokenizer = Checkpoint(path).tokenizer()
-        modules = {} if models is None else ours.modules
-        backends = Backends(parts["text_encoder"], parts["image_encoder"], parts["dit"], parts["vae"],
-                            names=choice, modules=modules)
+        try:
+            got = load_backends(path, device, backend=backend, overrides=overrides, engine_dir=engine_dir,
+                                size=size, frame_num=frame_num, dtype=dtype, memory=memory, **load_options)
+        except BackendChoiceError as e:
+            raise InputError(str(e)) from None
+        backends, config, tokenizer, target = got.backends, got.config, got.tokenizer, got.target
         pipe = cls(backends, config, tokenizer, device, attention=attention, kernels=kernels, target=target,
                    memory=memory, cuda_graphs=cuda_graphs)
         from wanrt.models import tiny

@@ -26,7 +26,7 @@ JSON schema "wanrt.bench/1" (`--json`); times in seconds, memory in bytes, null 
       "notes": [str],
       "results": [{                                     # one per (component, backend), all requested
         "backend": "eager"|"onnxruntime"|"aoti"|"tensorrt",
-        "component": "dit_step"|"vae_encode"|"vae_decode"|"t5"|"clip"|"e2e",
+        "component": "dit_step"|"vae_encode"|"vae_decode"|"text_encoder"|"image_encoder"|"e2e",
         "status": "ok" | "unavailable: <reason>" | "failed: <error>",
         "device": str,                                  # = device.label
         "shape": {<input name>: [dims], "output": [dims], ...},

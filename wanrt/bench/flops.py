@@ -152,8 +152,8 @@ def component_flops(component: str, config: WanConfig, height: int, width: int, 
         "dit_step": lambda: cfg_step_flops(config, height, width, frame_num),
         "vae_encode": lambda: vae_encode_flops(config, height, width, frame_num),
         "vae_decode": lambda: vae_decode_flops(config, height, width, frame_num),
-        "t5": lambda: t5_flops(config, batch=2),
-        "clip": lambda: clip_flops(config),
+        "text_encoder": lambda: t5_flops(config, batch=2),
+        "image_encoder": lambda: clip_flops(config),
         "e2e": lambda: e2e_flops(config, height, width, frame_num, sample_steps),
     }
     if component not in table:

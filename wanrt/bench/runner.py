@@ -1,6 +1,6 @@
 """`wanrt.bench.run`: every requested backend against eager PyTorch, in one process, interleaved.
 
-Method, per component (dit_step, vae_encode, vae_decode, t5, clip, e2e):
+Method, per component (dit_step, vae_encode, vae_decode, text_encoder, image_encoder, e2e):
 1. every backend gets the SAME input tensors (made once from a seed on the CPU);
 2. warm-up: `warmup` untimed calls per backend (first-call allocations, autotuning, lazy init);
 3. `repeat` rounds; in each round every backend is called once, the order rotated by one each round,
@@ -43,17 +43,16 @@ from .hardware import DeviceInfo, MemoryProbe, describe, sync, versions
 
 BACKENDS = ("eager", "onnxruntime", "aoti", "tensorrt")
 ENGINE_BACKENDS = BACKENDS[1:]
-COMPONENTS = ("dit_step", "vae_encode", "vae_decode", "t5", "clip", "e2e")
+COMPONENTS = ("dit_step", "vae_encode", "vae_decode", "text_encoder", "image_encoder", "e2e")
 # --what names -> the components they time ("vae" is both directions).
 WHAT = {"dit_step": ("dit_step",), "vae": ("vae_encode", "vae_decode"), "vae_encode": ("vae_encode",),
-        "vae_decode": ("vae_decode",), "t5": ("t5",), "clip": ("clip",), "e2e": ("e2e",)}
-# The runtime components (WanModels attributes, Backend seam slots) each bench component needs, and the
-# export/build components behind them (the runtime's VAE backend is all four chunk graphs, so both
-# directions are built even when one is timed).
-_MODELS = {"dit_step": ("dit",), "vae_encode": ("vae",), "vae_decode": ("vae",), "t5": ("text_encoder",),
-           "clip": ("image_encoder",), "e2e": ("text_encoder", "image_encoder", "dit", "vae")}
-_ENGINE_PARTS = {"text_encoder": ("t5",), "image_encoder": ("clip",), "dit": ("dit",),
-                 "vae": ("vae_encoder", "vae_decoder")}
+        "vae_decode": ("vae_decode",), "text_encoder": ("text_encoder",), "image_encoder": ("image_encoder",),
+        "e2e": ("e2e",)}
+OLD_WHAT = {"t5": "text_encoder", "clip": "image_encoder"}  # earlier spellings: refused with the new name
+# The runtime components (export.specs.TABLE: WanModels attributes, Backend seam slots, export/build
+# components) each bench component needs (the VAE is all four chunk graphs: both directions are built).
+_MODELS = {"dit_step": ("dit",), "vae_encode": ("vae",), "vae_decode": ("vae",), "text_encoder": ("text_encoder",),
+           "image_encoder": ("image_encoder",), "e2e": ("text_encoder", "image_encoder", "dit", "vae")}
 # Default (width, height, frame_num) per model: the toy configs get sizes that run in seconds on a CPU.
 DEFAULT_TARGETS = {"tiny": (64, 48, 9), "small": (256, 256, 9), "flf2v-14b": (1280, 720, 81)}
 FULL_TARGET = (1280, 720, 81)
@@ -303,10 +302,10 @@ def make_case(component: str, loaded: Loaded, inputs: Inputs, device: torch.devi
 
         z = inputs.z.to(device)
         return Case(lambda: decode_chunks(b.vae.decode_chunk, z), _noop, {"latent": list(z.shape)})
-    if component == "t5":
+    if component == "text_encoder":
         ids, mask = (x.to(device) for x in inputs.text)
         return Case(lambda: b.text_encoder(ids, mask), _noop, {"ids": list(ids.shape), "mask": list(mask.shape)})
-    if component == "clip":
+    if component == "image_encoder":
         pixels = inputs.pixels.to(device)
         return Case(lambda: b.image_encoder(pixels), _noop, {"pixels": list(pixels.shape)})
     if component == "e2e":
@@ -386,22 +385,18 @@ class Loaded:
 
 def _eager(source: Source, device: torch.device, precision: str, components: Sequence[str], seed: int,
            need_tokenizer: bool) -> Loaded:
-    from wanrt.models.loading import load
-    from wanrt.runtime.backends import eager
+    from wanrt.runtime.backends import load_backends
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # fp8 is an engine precision
     models_needed = _runtime_parts(components)
-    if source.folder is not None:
-        models = load(source.folder, device=device, dtype=None if dtype == torch.float32 else dtype,
-                      components=models_needed)
-        tokenizer = models.text_encoder.tokenizer if models.text_encoder is not None else None
-    else:
+    models = None
+    if source.folder is None:
         from .random import random_models
 
         models = random_models(source.config, device, dtype, seed=seed, components=models_needed,
                                tokenizer=need_tokenizer)
-        tokenizer = models.text_encoder.tokenizer if models.text_encoder is not None else None
-    return Loaded("eager", eager(models), models.config, tokenizer, None, 0.0, 0, models)
+    got = load_backends(source.folder, device, dtype=dtype, components=models_needed, models=models)
+    return Loaded("eager", got.backends, got.config, got.tokenizer, None, 0.0, 0, got.models)
 
 
 def _runtime_parts(components: Sequence[str]) -> tuple[str, ...]:
@@ -410,9 +405,9 @@ def _runtime_parts(components: Sequence[str]) -> tuple[str, ...]:
 
 def _engine(name: str, source: Source, engine_dir: Path, target, device: torch.device, precision: str,
             components: Sequence[str], log, in_memory=None) -> Loaded:
-    """onnxruntime (wanrt.export), aoti / tensorrt (wanrt.engine.build), then the runtime's own loader
-    (runtime.backends.from_engine_dir): the bench times exactly what `wanrt generate --backend` runs."""
-    from wanrt.runtime.backends import from_engine_dir
+    """onnxruntime (wanrt.export), aoti / tensorrt (wanrt.engine.build), then the runtime's one assembler
+    (runtime.load_backends): the bench times exactly what `wanrt generate --backend` runs."""
+    from wanrt.runtime.backends import load_backends
 
     if name == "onnxruntime":
         if device.type == "cuda":
@@ -435,9 +430,9 @@ def _engine(name: str, source: Source, engine_dir: Path, target, device: torch.d
         raise Unavailable(f"{source.spec} has no checkpoint folder to export ONNX from (the bench does not write "
                           "random weights of this size to disk); use a real --ckpt_dir")
     runtime_parts = _runtime_parts(components)
-    parts = tuple(p for r in runtime_parts for p in _ENGINE_PARTS[r])  # build only what is timed
+    parts = runtime_parts  # build only what is timed
     if name == "onnxruntime":
-        from wanrt.export import export
+        from wanrt.engine.exporter import export
 
         export(folder, engine_dir, target, precision=precision, components=parts, log=log)
     else:
@@ -451,18 +446,9 @@ def _engine(name: str, source: Source, engine_dir: Path, target, device: torch.d
                               "(the bench does not write random 14B weights to disk); use a real --ckpt_dir")
         build(folder, engine_dir, target, backend=name, precision=precision, components=parts, log=log,
               device=device.type, models=in_memory if folder is None else None)
-    got, config, tokenizer, tgt = from_engine_dir(
-        engine_dir, name, device, target.width, target.height, target.frame_num,
-        checkpoint=None if folder is None else str(folder), components=runtime_parts)
-    return Loaded(name, _as_backends(got, name), config, tokenizer, tgt, 0.0, 0)
-
-
-def _as_backends(got, name: str):
-    """from_engine_dir gives {component: backend} (a subset); the cases read a Backends."""
-    from wanrt.runtime.backends import Backends
-
-    names = dict.fromkeys(got, name)
-    return Backends(got.get("text_encoder"), got.get("image_encoder"), got.get("dit"), got.get("vae"), names=names)
+    got = load_backends(None if folder is None else str(folder), device, backend=name, engine_dir=engine_dir,
+                        size=(target.width, target.height), frame_num=target.frame_num, components=runtime_parts)
+    return Loaded(name, got.backends, got.config, got.tokenizer, got.target, 0.0, 0)
 
 
 def _load(name, source, engine_dir, target, device, precision, components, seed, log, eager_models=None) -> Loaded:
@@ -558,6 +544,9 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
     from wanrt.export.specs import PRECISIONS, Target
 
     names = _parse_list(backends, BACKENDS, "backends")
+    old = [w.strip() for w in what.split(",") if w.strip() in OLD_WHAT] if isinstance(what, str) else []
+    if old:
+        raise ValueError(f"--what {old[0]} is now called {OLD_WHAT[old[0]]}")
     wanted = _parse_list(what, tuple(WHAT), "what")
     components = list(dict.fromkeys(c for w in wanted for c in WHAT[w]))
     if repeat < 1 or warmup < 0:

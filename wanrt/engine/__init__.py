@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from wanrt.export import COMPONENTS, GRAPHS, graph_file, graph_key
-from wanrt.export.specs import Target, graph_specs, resolution_dependent
+from wanrt.export.specs import TABLE, Target, check_components, graph_specs, resolution_dependent
 
 BACKENDS = ("tensorrt", "aoti")
 
@@ -41,6 +41,7 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
     (ckpt_dir may then be None); the manifest records them as in-memory weights."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown build backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    components = check_components(components)
     if backend == "tensorrt":
         from .tensorrt import require
 
@@ -92,11 +93,10 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
                 todo.append((c, g))
     if not todo:
         return manifest
-    needed = {"t5": "text_encoder", "clip": "image_encoder", "dit": "dit", "vae_encoder": "vae", "vae_decoder": "vae"}
     if models is None:
         models = load(ckpt_dir, device=dev, dtype=torch.bfloat16 if precision == "bf16" else None,
-                      components=sorted({needed[c] for c, _ in todo}))
-    missing = sorted({needed[c] for c, _ in todo if getattr(models, needed[c]) is None})
+                      components=sorted({TABLE[c].weights for c, _ in todo}))
+    missing = sorted({TABLE[c].weights for c, _ in todo if getattr(models, TABLE[c].weights) is None})
     if missing:
         raise ValueError(f"the in-memory models lack {missing} needed for {[g for _, g in todo]}")
     for _component, graph in todo:
@@ -115,9 +115,8 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
 
 
 def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, log, options):
-    from wanrt.export import export
-
     from . import tensorrt as trt_build
+    from .exporter import export
 
     manifest = export(ckpt_dir, out, target, precision=precision, components=components, force=force, log=log)
     specs = {k: v for k, v in graph_specs(_config(manifest), target).items()}

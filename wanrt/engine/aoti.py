@@ -12,12 +12,12 @@ import torch
 
 from wanrt.export.specs import GraphSpec
 
-DTYPES = {"float32": torch.float32, "int64": torch.int64}
+from .graph import ContractGraph, torch_dtype
 
 
 def example_inputs(spec: GraphSpec, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Real (zero) inputs on the device: AOTInductor traces with real tensors. Timesteps must index the table."""
-    return tuple(torch.zeros(t.shape, dtype=DTYPES[t.dtype], device=device) for t in spec.inputs)
+    return tuple(torch.zeros(t.shape, dtype=torch_dtype(t.dtype), device=device) for t in spec.inputs)
 
 
 def compile_package(module: torch.nn.Module, spec: GraphSpec, path: Path, device: torch.device,
@@ -39,23 +39,17 @@ def compile_package(module: torch.nn.Module, spec: GraphSpec, path: Path, device
         tmp.unlink(missing_ok=True)
 
 
-class AOTIGraph:
-    """A loaded package: `graph(*tensors) -> list[torch.Tensor]` in spec order, shapes checked."""
+class AOTIGraph(ContractGraph):
+    """A loaded package under the graph contract (inputs checked and cast; its outputs are fresh tensors)."""
 
     capturable = True  # the compiled model launches its kernels on the current stream, no host sync
+    reuses_outputs = False  # the AOTInductor runner allocates its outputs per call
 
     def __init__(self, path: Path, spec: GraphSpec, device: torch.device):
-        self.spec = spec
-        self.device = device
+        super().__init__(spec, device)
         self.runner = torch._inductor.aoti_load_package(str(path))
 
     @torch.no_grad()
-    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        args = []
-        for s, t in zip(self.spec.inputs, tensors):
-            if tuple(t.shape) != s.shape:
-                raise ValueError(f"{self.spec.name}: input {s.name} has shape {tuple(t.shape)}, "
-                                 f"the engine was built for {s.shape}")
-            args.append(t.to(self.device, DTYPES[s.dtype]).contiguous())
+    def _run(self, args):
         out = self.runner(*args)
         return list(out) if isinstance(out, (list, tuple)) else [out]

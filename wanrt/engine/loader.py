@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from wanrt.engine.manifest import EngineError, Manifest
+from wanrt.export.specs import GRAPH_NAMES as GRAPHS
 from wanrt.export.specs import GraphSpec, Target
-from wanrt.runtime.backends import GRAPH_NAMES as GRAPHS
 
 from . import engine_file, engine_key
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from wanrt.export.specs import GraphSpec
 
+from .graph import ContractGraph, torch_dtype
+
 
 class TensorRTUnavailable(ImportError):
     pass
@@ -37,6 +39,17 @@ def require():
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: wanrt builds strongly typed networks, "
                                   "which need TensorRT >= 10.12")
     return trt
+
+
+_LOGGER = None
+
+
+def logger(trt):
+    """The one TensorRT logger of this process (TensorRT keeps a reference to it; one is enough)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
 
 
 @dataclass(frozen=True)
@@ -123,10 +136,9 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
         from wanrt.kernels.trt_plugins import register_plugins
 
         register_plugins()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = trt.Builder(logger(trt))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, logger(trt))
     if not parser.parse_from_file(str(onnx_path)):  # reads <file>.data external weights itself
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
@@ -157,54 +169,105 @@ def _write_atomic(path: Path, data) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class TRTGraph:
-    """A deserialized plan with preallocated outputs: `graph(*tensors) -> list[torch.Tensor]`.
+# I/O spec dtype -> the TensorRT DataType member name (looked up on the imported module)
+TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "float8_e4m3fn": "FP8", "int64": "INT64",
+              "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+ALIGNMENT = 256  # bytes: TensorRT's I/O address alignment
 
-    Tensor addresses are bound once per input buffer identity; execute_async_v3 runs on the current
-    torch stream, so the whole call can be captured in a CUDA graph (no host sync inside).
+
+def aligned_empty(shape, dtype, device, alignment: int = ALIGNMENT):
+    """An uninitialised tensor whose data pointer is a multiple of `alignment` bytes (owned, never freed early)."""
+    import torch
+
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, device=device)
+    offset = (-raw.data_ptr()) % alignment
+    out = raw[offset:offset + nbytes].view(dtype).view(tuple(shape))
+    assert out.data_ptr() % alignment == 0
+    return out
+
+
+def check_engine_io(trt, engine, spec: GraphSpec) -> None:
+    """The deserialized engine must have exactly the spec's inputs and outputs: names, order of kind,
+    static shapes and dtypes. Anything else is one line that says to rebuild."""
+    io = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        io[name] = (mode, tuple(engine.get_tensor_shape(name)), engine.get_tensor_dtype(name))
+    want = {t.name: ("input", tuple(t.shape), getattr(trt.DataType, TRT_DTYPES[t.dtype])) for t in spec.inputs}
+    want |= {t.name: ("output", tuple(t.shape), getattr(trt.DataType, TRT_DTYPES[t.dtype])) for t in spec.outputs}
+    if io != want:
+        diff = sorted(n for n in set(io) | set(want) if io.get(n) != want.get(n))
+        detail = "; ".join(f"{n}: engine {io.get(n)}, spec {want.get(n)}" for n in diff)
+        raise ValueError(f"{spec.name}: the TensorRT engine's I/O does not match its spec ({detail}); rebuild it")
+
+
+def read_plan(path: Path):
+    """The plan as a read-only memory map: TensorRT deserializes from it without a second host copy."""
+    import mmap
+
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class TRTGraph(ContractGraph):
+    """A deserialized plan under the graph contract.
+
+    Checked at load: the engine's I/O tensors (count, names, static shapes, dtypes) against the spec.
+    Inputs are copied (cast by the contract) into owned, 256-byte-aligned buffers and outputs written to
+    preallocated buffers; every address is bound once, at load, and each `set_tensor_address` result is
+    checked. So no caller tensor is ever bound (an input can never alias an output, e.g. a VAE cache fed
+    back), and `graph(...)` hands out copies of the outputs (`reuses_outputs`); `graph.borrow(...)` gives
+    the buffers themselves, valid until the next call. execute_async_v3 runs on the current torch stream,
+    with no host sync, so a call can be captured in a CUDA graph.
     """
 
     capturable = True
+    reuses_outputs = True
 
     def __init__(self, plan_path: Path, spec: GraphSpec, device, onnx_path: Path | None = None,
-                 stripped: bool = False):
-        trt = require()
-        import torch
-
-        self.spec, self.device = spec, device
-        self.logger = trt.Logger(trt.Logger.WARNING)
+                 stripped: bool = False, trt=None):
+        super().__init__(spec, device)
+        trt = trt or require()
         if onnx_path is not None and uses_plugins(onnx_path):
             from wanrt.kernels.trt_plugins import register_plugins
 
             register_plugins()
-        runtime = trt.Runtime(self.logger)
-        self.engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        runtime = trt.Runtime(logger(trt))
+        plan = read_plan(plan_path)
+        try:
+            self.engine = runtime.deserialize_cuda_engine(plan)
+        finally:
+            plan.close()
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not load {plan_path} (built by another TensorRT version or GPU?)")
         if stripped:
-            refitter = trt.Refitter(self.engine, self.logger)
-            if not trt.OnnxParserRefitter(refitter, self.logger).refit_from_file(str(onnx_path)) \
+            refitter = trt.Refitter(self.engine, logger(trt))
+            if not trt.OnnxParserRefitter(refitter, logger(trt)).refit_from_file(str(onnx_path)) \
                     or not refitter.refit_cuda_engine():
                 raise RuntimeError(f"refitting the weight-stripped plan {plan_path} from {onnx_path} failed")
+        check_engine_io(trt, self.engine, spec)
         self.context = self.engine.create_execution_context()
-        dt = {"float32": torch.float32, "int64": torch.int64}
-        self.outputs = [torch.empty(t.shape, dtype=dt[t.dtype], device=device) for t in spec.outputs]
-        for t, buf in zip(spec.outputs, self.outputs):
-            self.context.set_tensor_address(t.name, buf.data_ptr())
-        self._bound: dict[str, int] = {}
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {plan_path} (out of memory?)")
+        self.inputs = [aligned_empty(t.shape, torch_dtype(t.dtype), self.device) for t in spec.inputs]
+        self.outputs = [aligned_empty(t.shape, torch_dtype(t.dtype), self.device) for t in spec.outputs]
+        for t, buf in zip((*spec.inputs, *spec.outputs), (*self.inputs, *self.outputs)):
+            if not self.context.set_tensor_address(t.name, buf.data_ptr()):
+                raise RuntimeError(f"{spec.name}: TensorRT refused the address of {t.name}")
 
-    def __call__(self, *tensors):
+    def _stream(self) -> int:
         import torch
 
-        for s, t in zip(self.spec.inputs, tensors):
-            if tuple(t.shape) != s.shape:
-                raise ValueError(f"{self.spec.name}: input {s.name} has shape {tuple(t.shape)}, "
-                                 f"the engine was built for {s.shape}")
-            t = t.contiguous()
-            if self._bound.get(s.name) != t.data_ptr():
-                self.context.set_tensor_address(s.name, t.data_ptr())
-                self._bound[s.name] = t.data_ptr()
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def _run(self, args):
+        for buf, t in zip(self.inputs, args):
+            buf.copy_(t, non_blocking=True)
+        if not self.context.execute_async_v3(self._stream()):
             raise RuntimeError(f"TensorRT execution of {self.spec.name} failed")
         return list(self.outputs)

@@ -1,24 +1,18 @@
-"""`wanrt export`: the four models to static, TensorRT-ready ONNX for one target (size, frames, batch).
-
-Writes ENGINE_DIR/onnx/<graph>.onnx (T5 and CLIP, resolution-independent) and
-ENGINE_DIR/onnx/<W>x<H>x<F>/<graph>.onnx (DiT and the VAE chunk graphs), weights streamed from the
-checkpoint, plus ENGINE_DIR/manifest.json and a copy of the tokenizer, so an engine dir is
-self-contained. Finished files are skipped on re-runs.
+"""The export layer: the component table and I/O specs (specs.py), the export units (graphs.py), trace ->
+ONNX with streamed weights (onnx.py) and the FP8 Q/DQ pass (fp8.py). Nothing here knows the engine dir:
+`wanrt.engine.export` writes the graphs into one (ENGINE_DIR/onnx/..., manifest.json, tokenizer/).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from .specs import COMPONENTS, GRAPHS, PRECISIONS, Target, graph_specs, resolution_dependent
+from .specs import COMPONENTS, GRAPHS, TABLE, Target, resolution_dependent
 
-_WEIGHTS = {"t5": "text_encoder", "clip": "image_encoder", "dit": "dit", "vae": "vae"}
+__all__ = ["COMPONENTS", "GRAPHS", "TABLE", "graph_file", "graph_key"]
 
 
 def graph_key(graph: str, target: Target) -> str:
@@ -29,73 +23,11 @@ def graph_file(graph: str, target: Target) -> str:
     return f"onnx/{target.tag}/{graph}.onnx" if resolution_dependent(graph) else f"onnx/{graph}.onnx"
 
 
-def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str = "fp32",
-           components: Iterable[str] = COMPONENTS, force: bool = False,
-           log: Callable[[str], None] = print, inline_limit: int | None = None,
-           calibration: dict | None = None):
-    """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest."""
-    from wanrt.engine.manifest import Manifest
-    from wanrt.models.loading import Checkpoint
-
-    from . import onnx as onnx_export
-    from .graphs import build_graph, example_inputs
-
-    components = list(dict.fromkeys(components))
-    bad = [c for c in components if c not in COMPONENTS]
-    if bad:
-        raise ValueError(f"unknown component(s) {bad}; choose from {', '.join(COMPONENTS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    out = Path(out)
-    ckpt = Checkpoint(ckpt_dir)
-    cfg = ckpt.config
-    specs = graph_specs(cfg, target)
-    if force and (out / "manifest.json").exists():
-        (out / "manifest.json").unlink()
-    manifest = Manifest.open(out)
-    manifest.init(checkpoint={"path": str(ckpt.folder), "layout": ckpt.layout, "fingerprint": ckpt.fingerprint()},
-                  config=dataclasses.asdict(cfg), precision=precision, batch=target.batch)
-    manifest.add_profile(target.tag, target.width, target.height, target.frame_num)
-    _copy_tokenizer(ckpt, out)
-    manifest.save()
-
-    for component in components:
-        for graph in GRAPHS[component]:
-            key, rel = graph_key(graph, target), graph_file(graph, target)
-            spec = specs[graph]
-            if not force and manifest.is_current("graphs", key, spec=spec.to_dict()):
-                log(f"{key}: up to date")
-                continue
-            t0 = time.perf_counter()
-            log(f"{key}: tracing")
-            module = build_graph(graph, cfg, target, precision)
-            proto, weights = onnx_export.trace(module, spec, example_inputs(spec))
-            fetch = _fetcher(ckpt, component, module)
-            if precision == "fp8" and graph == "dit":
-                from .fp8 import insert_qdq
-
-                proto, weights, fetch = insert_qdq(proto, weights, fetch, calibration or _calibration(out))
-            log(f"{key}: writing weights")
-            path = out / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            kw = {} if inline_limit is None else {"inline_limit": inline_limit}
-            info = onnx_export.write(proto, weights, fetch, path, **kw)
-            checked = onnx_export.check_graph(path)
-            files = [str(Path(rel).parent / f) for f in info["files"]]
-            profile = target.tag if resolution_dependent(graph) else None
-            manifest.record("graphs", key, files, graph=graph, profile=profile,
-                            spec=spec.to_dict(), weight_bytes=info["bytes"], ops=checked["ops"],
-                            export_seconds=round(time.perf_counter() - t0, 2))
-            log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "
-                f"{time.perf_counter() - t0:.1f} s)")
-    return manifest
-
-
 def _fetcher(ckpt, component: str, module: torch.nn.Module):
     """name -> tensor for the graph's initializers: checkpoint weights under `net.`, else derived values."""
     from wanrt.models.checkpoint import tied_names
 
-    weights = ckpt.weights(_WEIGHTS[component.split("_")[0]])
+    weights = ckpt.weights(TABLE[component].weights)
     derived = module.derived()
     ties = tied_names(module.net)
 
@@ -107,16 +39,6 @@ def _fetcher(ckpt, component: str, module: torch.nn.Module):
         return weights[key] if isinstance(weights, dict) else weights.read(key)
 
     return fetch
-
-
-def _calibration(out: Path) -> dict:
-    import json
-
-    path = out / "calibration" / "fp8_scales.json"
-    if not path.is_file():
-        raise ValueError(f"fp8 export needs activation scales: {path} is missing (run `wanrt export --precision "
-                         "fp8`, which calibrates first)")
-    return json.loads(path.read_text())
 
 
 def _copy_tokenizer(ckpt, out: Path) -> None:

@@ -13,10 +13,8 @@ same scales to a PyTorch model, which is how the FP8 error is measured where no 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -38,52 +36,31 @@ def fake_quant(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (q.float() * scale).to(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------ calibration
+# --------------------------------------------------------------------------------------------- recipe
+# Calibration itself runs the pipeline, so it lives above it (wanrt/calibration.py); this module only
+# says which linears are quantised and how, and rewrites the graph.
+
+EDGE_BLOCKS = 3  # NVIDIA's Wan FP8 filter keeps blocks 0-2 and the last three (37-39 of 40) in bf16
 
 
-@torch.no_grad()
-def calibrate(pipe, target, steps: int = 4, prompt: str | None = None, frames=None) -> dict:
-    """Run `steps` denoising steps of the eager pipeline at the target size and record, per quantised
-    linear, the max |input| ("max" calibration) and max |weight|. Returns the scale table."""
-    from wanrt.samples import SAMPLE_PROMPT, sample_frames
-
-    dit = pipe.backends.dit.model
-    amax: dict[str, float] = {}
-    hooks = []
-    for name in quantized_linears(dit):
-        def hook(module, args, name=name):
-            amax[name] = max(amax.get(name, 0.0), args[0].detach().abs().max().float().item())
-
-        hooks.append(dit.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        first, last = frames or sample_frames()
-        pipe(first, last, prompt or SAMPLE_PROMPT, frame_num=target.frame_num,
-             max_area=target.width * target.height, sample_steps=steps, seed=0, progress=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    weights = {n: dit.get_submodule(n).weight.detach().abs().max().float().item() for n in amax}
-    return {"format": "float8_e4m3fn", "method": "max", "steps": steps, "target": [target.width, target.height,
-            target.frame_num], "activation_amax": amax, "weight_amax": weights}
+def recipe_linears(dit: nn.Module, recipe: str = "nvidia") -> list[str]:
+    """The linears the recipe quantises. 'nvidia' (default): every block linear except those of the
+    first and last EDGE_BLOCKS blocks (the most sensitive ones); 'all': every block linear. A model with
+    too few blocks to spare six (the tiny test model) is quantised whole, and says so in the table."""
+    names = quantized_linears(dit)
+    if recipe == "all":
+        return names
+    if recipe != "nvidia":
+        raise ValueError(f"unknown fp8 recipe {recipe!r}; choose nvidia or all")
+    keep = excluded_blocks(dit.cfg.num_layers)
+    return [n for n in names if int(n.split(".")[1]) not in keep]
 
 
-def calibrate_to(ckpt_dir, out, target, steps: int = 4, log: Callable[[str], None] = print) -> dict:
-    """Calibrate with the eager pipeline (on CUDA when present) and store out/calibration/fp8_scales.json."""
-    from wanrt.engine.manifest import write_json_atomic
-    from wanrt.pipeline import FLF2VPipeline
-
-    path = Path(out) / "calibration" / "fp8_scales.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("steps") == steps and data.get("target") == [target.width, target.height, target.frame_num]:
-            log(f"fp8: using the calibration in {path}")
-            return data
-    log(f"fp8: calibrating on {steps} denoising steps at {target.width}x{target.height}x{target.frame_num}")
-    pipe = FLF2VPipeline.from_pretrained(ckpt_dir)
-    data = calibrate(pipe, target, steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, data)
-    return data
+def excluded_blocks(num_layers: int) -> list[int]:
+    """Blocks the 'nvidia' recipe keeps in bf16: 0..2 and the last three, when at least one block remains."""
+    if num_layers <= 2 * EDGE_BLOCKS:
+        return []
+    return [*range(EDGE_BLOCKS), *range(num_layers - EDGE_BLOCKS, num_layers)]
 
 
 def scales(calibration: dict) -> dict[str, tuple[float, float]]:

@@ -14,10 +14,54 @@ from dataclasses import asdict, dataclass
 
 from wanrt.models.config import WanConfig
 
-COMPONENTS = ("t5", "clip", "dit", "vae_encoder", "vae_decoder")
-# Each VAE component is two graphs: the first chunk (no caches in) and the steady state.
-GRAPHS = {"t5": ("t5",), "clip": ("clip",), "dit": ("dit",),
-          "vae_encoder": ("vae_encoder_first", "vae_encoder"), "vae_decoder": ("vae_decoder_first", "vae_decoder")}
+
+@dataclass(frozen=True)
+class Component:
+    """A runtime component: the name users see, the graphs it is exported/built as, its checkpoint weights."""
+
+    name: str
+    graphs: tuple[str, ...]
+    weights: str  # the checkpoint view (wanrt.models.loading) its graphs' initializers come from
+
+
+# THE component table: every flag (--components, --override), manifest entry and bench row uses these names.
+# Graph names (t5, clip, vae_*) are internal: one component may be several graphs (the VAE's chunk graphs:
+# the first chunk without caches in, and the steady state, for the encoder and the decoder).
+TABLE = {c.name: c for c in (
+    Component("text_encoder", ("t5",), "text_encoder"),
+    Component("image_encoder", ("clip",), "image_encoder"),
+    Component("dit", ("dit",), "dit"),
+    Component("vae", ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"), "vae"),
+)}
+COMPONENTS = tuple(TABLE)
+GRAPHS = {name: c.graphs for name, c in TABLE.items()}
+GRAPH_NAMES = tuple(g for c in TABLE.values() for g in c.graphs)
+# spellings of earlier versions (export/build took graph names): refused with the new name
+OLD_NAMES = {"t5": "text_encoder", "clip": "image_encoder", "vae_encoder": "vae", "vae_decoder": "vae"}
+
+
+def component_of(graph: str) -> str:
+    """The component a graph belongs to."""
+    for c in TABLE.values():
+        if graph in c.graphs:
+            return c.name
+    raise ValueError(f"unknown graph {graph!r}; graphs: {', '.join(GRAPH_NAMES)}")
+
+
+def check_components(names) -> list[str]:
+    """`names` (an iterable or a comma-separated string) as a list of component names, duplicates removed;
+    ValueError with one line for an unknown name, naming the new spelling of an old one."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(dict.fromkeys(names))
+    for n in names:
+        if n in OLD_NAMES:
+            raise ValueError(f"component {n!r} is now called {OLD_NAMES[n]!r} (components: {', '.join(COMPONENTS)})")
+        if n not in TABLE:
+            raise ValueError(f"unknown component {n!r}; choose from {', '.join(COMPONENTS)}")
+    return names
+
+
 PRECISIONS = ("fp32", "bf16", "fp8")
 
 

@@ -40,9 +40,8 @@ def load_pipeline(path: str | Path, plan: ParallelPlan, run: Session, device: st
     """FLF2VPipeline.from_pretrained for one rank of `plan` (`options` go to the pipeline). Every rank
     loads the models, then the splits rewrite them (TP keeps this rank's slices); the pipeline itself
     does not change."""
-    from wanrt.models.loading import load
     from wanrt.pipeline import FLF2VPipeline
-    from wanrt.runtime.backends import eager
+    from wanrt.runtime.backends import load_backends
 
     if run.world_size == 1 and plan.size == 1:
         return FLF2VPipeline.from_pretrained(path, device=device, dtype=dtype, **options)
@@ -50,12 +49,12 @@ def load_pipeline(path: str | Path, plan: ParallelPlan, run: Session, device: st
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     plan.check(run.world_size, model_config(path))  # before the expensive load
-    models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None)
+    got = load_backends(path, device, dtype=dtype)  # the one assembler; the splits then rewrite its models
+    models, backends = got.models, got.backends
     groups = build_groups(plan)
-    backends = eager(models)
     backends.dit = dit_backend(models.dit, groups)
     backends.names["dit"] = f"eager+{plan.describe()}"
     if groups.tp is not None:
         apply_tp_t5(models.text_encoder, groups.tp)
         backends.names["text_encoder"] = f"eager+tp{plan.tp}"
-    return FLF2VPipeline(backends, models.config, models.text_encoder.tokenizer, device, **options)
+    return FLF2VPipeline(backends, got.config, got.tokenizer, device, **options)

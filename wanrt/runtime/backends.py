@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from wanrt.export.specs import COMPONENTS, GRAPHS
 from wanrt.models.loading import WanModels
 
 
@@ -112,11 +113,11 @@ def eager(models: WanModels) -> Backends:
 
 
 ENGINE_BACKENDS = ("onnxruntime", "aoti", "tensorrt")
-GRAPH_NAMES = ("t5", "clip", "dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
 
 
 class GraphTextEncoder:
-    """A batch-1 text graph applied row by row (prompts are encoded once and cached by the pipeline)."""
+    """A batch-1 text graph applied row by row (prompts are encoded once and cached by the pipeline).
+    Each row is the graph's fresh output (the contract's `graph(...)`), so rows never share a buffer."""
 
     def __init__(self, graph):
         self.graph = graph
@@ -126,18 +127,22 @@ class GraphTextEncoder:
 
 
 class GraphSingle:
-    """A graph with one output, called like the module it replaces."""
+    """A graph with one output, called like the module it replaces. `borrow=True` takes the engine's own
+    output buffer without a copy (valid until the next call): only for a caller that consumes the result
+    before calling again, like the denoising step (CFGStep reads the velocity into its guidance buffer)."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, borrow: bool = False):
         self.graph = graph
+        self.call = graph.borrow if borrow else graph
         self.capturable = getattr(graph, "capturable", False)  # AOTInductor / TensorRT: yes; ONNX Runtime: no
 
     def __call__(self, *tensors):
-        return self.graph(*tensors)[0]
+        return self.call(*tensors)[0]
 
 
 class GraphVAE:
-    """The four VAE chunk graphs as a VAEBackend (first chunk: no caches in)."""
+    """The four VAE chunk graphs as a VAEBackend (first chunk: no caches in). Latents, frames and caches
+    are fresh tensors (the contract's `graph(...)`): decode_chunks keeps every chunk and feeds caches back."""
 
     def __init__(self, enc_first, enc, dec_first, dec):
         self.enc_first, self.enc, self.dec_first, self.dec = enc_first, enc, dec_first, dec
@@ -151,21 +156,23 @@ class GraphVAE:
         return out[0], out[1:]
 
 
-COMPONENT_GRAPHS = {"text_encoder": ("t5",), "image_encoder": ("clip",), "dit": ("dit",),
-                    "vae": ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")}
-COMPONENTS = tuple(COMPONENT_GRAPHS)
 
 
 def graph_backends(graphs: dict) -> dict:
-    """{component: backend} from graph callables `graph(*inputs) -> [outputs]` (any engine: ONNX
-    Runtime sessions, AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES (a subset is fine)."""
+    """{component: backend} from contract graphs (wanrt.engine.graph.ContractGraph: ONNX Runtime sessions,
+    AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES (a subset is fine)."""
+    from wanrt.engine.graph import ContractGraph
+
+    loose = sorted(n for n, g in graphs.items() if not isinstance(g, ContractGraph))
+    if loose:
+        raise TypeError(f"graphs {loose} are not ContractGraphs; wrap them (wanrt.engine.graph.FunctionGraph)")
     out = {}
     if "t5" in graphs:
         out["text_encoder"] = GraphTextEncoder(graphs["t5"])
     if "clip" in graphs:
         out["image_encoder"] = GraphSingle(graphs["clip"])
     if "dit" in graphs:
-        out["dit"] = GraphSingle(graphs["dit"])
+        out["dit"] = GraphSingle(graphs["dit"], borrow=True)  # the step consumes it at once
     if "vae_decoder" in graphs:
         out["vae"] = GraphVAE(graphs["vae_encoder_first"], graphs["vae_encoder"], graphs["vae_decoder_first"],
                               graphs["vae_decoder"])
@@ -204,7 +211,7 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
     tok_dir = Path(engine_dir) / "tokenizer"  # absent for engines built from in-memory random weights
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
     target = Target(target.width, target.height, target.frame_num, m.data["batch"])
-    graphs = [g for c in components for g in COMPONENT_GRAPHS[c]]
+    graphs = [g for c in components for g in GRAPHS[c]]
     if backend == "onnxruntime":
         from wanrt.runtime.onnxruntime import load_graphs
 
@@ -240,3 +247,94 @@ def _pick_profile(m, width, height, frame_num):
         raise EngineError(f"{m.root} holds several profiles ({listing}); pick one with --size and --frame_num")
     p = matches[0]
     return Target(p["width"], p["height"], p["frame_num"])
+
+
+# ------------------------------------------------------------------------------------------ assembler
+
+
+class BackendChoiceError(ValueError):
+    """The backend choice itself is wrong (unknown component or backend, a needed path missing)."""
+
+
+@dataclass
+class Assembled:
+    """What `load_backends` returns: the Backends and what the pipeline needs beside them."""
+
+    backends: Backends
+    config: object  # WanConfig
+    tokenizer: object
+    target: object = None  # export.specs.Target when any component runs from an engine dir (fixed size)
+    models: WanModels | None = None  # the eager models (for transforms: parallel splits, calibration hooks)
+
+
+def load_backends(checkpoint=None, device: str | torch.device | None = None, *, backend: str = "eager",
+                  overrides: dict[str, str] | None = None, engine_dir=None, size: tuple[int, int] | None = None,
+                  frame_num: int | None = None, dtype: torch.dtype | None = None, memory: str = "resident",
+                  components=COMPONENTS, models: WanModels | None = None, **load_options) -> Assembled:
+    """THE assembler: the Backends of `components` for eager PyTorch, engines of an engine dir, or a mix.
+
+    backend: 'eager' | 'onnxruntime' | 'aoti' | 'tensorrt' for every component, `overrides` per component
+    ({"vae": "eager"}). Engine components come from one profile of `engine_dir` (size (W, H) and frame_num
+    select it; `checkpoint`, if given, must be the one the engines were built from). Eager components are
+    loaded from `checkpoint` (dtype None: bf16 on CUDA, fp32 on the CPU; memory != 'resident': loaded on
+    the CPU, the DiT moved to the device), or taken from `models` when given (e.g. random weights).
+    `load_options` go to the eager loader unchanged (wanrt.models.loading.load).
+    Components outside `components` are None in the result."""
+    from wanrt.export.specs import check_components
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = dict(overrides or {})
+    try:
+        check_components(overrides)
+    except ValueError as e:
+        raise BackendChoiceError(f"{e} (in the backend overrides)") from None
+    try:
+        components = check_components(components)
+    except ValueError as e:
+        raise BackendChoiceError(str(e)) from None
+    choice = dict.fromkeys(components, backend) | {c: b for c, b in overrides.items() if c in components}
+    kinds = set(choice.values())
+    bad = sorted(kinds - {"eager", *ENGINE_BACKENDS})
+    if bad:
+        raise BackendChoiceError(f"unknown backend(s) {bad}; choose from eager, {', '.join(ENGINE_BACKENDS)}")
+    parts: dict = {}
+    config = tokenizer = target = None
+    for kind in sorted(kinds - {"eager"}):
+        if engine_dir is None:
+            raise BackendChoiceError(f"backend {kind!r} needs an engine dir (--engine_dir)")
+        w, h = size if size is not None else (None, None)
+        got, config, tokenizer, target = from_engine_dir(
+            engine_dir, kind, device, w, h, frame_num, None if checkpoint is None else str(checkpoint),
+            components=[c for c in components if choice[c] == kind])
+        parts.update(got)
+    eager_parts = [c for c in components if choice[c] == "eager"]
+    modules: dict = {}
+    if eager_parts:
+        if models is None:
+            from wanrt.models.loading import load
+
+            if checkpoint is None:
+                raise BackendChoiceError("a checkpoint path (or 'tiny') is needed for the eager backend")
+            if dtype is None:
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            load_device = "cpu" if memory != "resident" else device  # offloaded models never all sit on the GPU
+            models = load(checkpoint, device=load_device, dtype=dtype if dtype != torch.float32 else None,
+                          components=eager_parts, **load_options)
+            if memory != "resident" and models.dit is not None:
+                models.dit.to(device)
+        ours = eager(models)
+        missing = [c for c in eager_parts if getattr(ours, c) is None]
+        if missing:
+            raise BackendChoiceError(f"the given models lack {missing}")
+        parts.update({c: getattr(ours, c) for c in eager_parts})
+        modules = {c: m for c, m in ours.modules.items() if c in eager_parts}
+        config = config or models.config
+        if tokenizer is None and models.text_encoder is not None:
+            tokenizer = models.text_encoder.tokenizer
+    if tokenizer is None and checkpoint is not None and "text_encoder" in components:
+        from wanrt.models.loading import Checkpoint
+
+        tokenizer = Checkpoint(checkpoint).tokenizer()
+    backends = Backends(parts.get("text_encoder"), parts.get("image_encoder"), parts.get("dit"), parts.get("vae"),
+                        names=choice, modules=modules)
+    return Assembled(backends, config, tokenizer, target, models)

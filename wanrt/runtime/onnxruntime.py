@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wanrt.engine.graph import ContractGraph
 from wanrt.engine.manifest import EngineError, Manifest
 from wanrt.export import graph_file, graph_key
-from wanrt.export.specs import GraphSpec, Target
-from wanrt.runtime.backends import GRAPH_NAMES
+from wanrt.export.specs import GRAPH_NAMES, GraphSpec, Target
 
 
 def providers(device: torch.device) -> list[str]:
@@ -29,18 +29,19 @@ def providers(device: torch.device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class Graph:
-    """One verified ONNX graph: `graph(*tensors) -> list[torch.Tensor]` in spec order."""
+class Graph(ContractGraph):
+    """One verified ONNX graph under the graph contract: inputs checked and cast to the spec, outputs fresh."""
 
     capturable = False  # host round trips through numpy: never inside a CUDA graph
+    reuses_outputs = False  # session.run returns new arrays; they are copied to the device per call
 
     def __init__(self, manifest: Manifest, name: str, target: Target, device: torch.device, threads: int = 0):
         import onnxruntime as ort
 
         key = graph_key(name, target)
-        entry = manifest.verify_files("graphs", key)  # sha256 of every file before loading anything
-        self.spec = GraphSpec.from_dict(entry["spec"])
-        self.device = device
+        entry = manifest.verify_files("graphs", key)  # integrity of every file before loading anything
+        super().__init__(GraphSpec.from_dict(entry["spec"]), torch.device("cpu"))  # numpy feeds live on the host
+        self.out_device = torch.device(device)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
@@ -48,15 +49,10 @@ class Graph:
         path = manifest.root / graph_file(name, target)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers(device))
 
-    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        feed = {}
-        for spec, t in zip(self.spec.inputs, tensors):
-            if tuple(t.shape) != spec.shape:
-                raise ValueError(f"{self.spec.name}: input {spec.name} has shape {tuple(t.shape)}, "
-                                 f"the engine was built for {spec.shape}")
-            feed[spec.name] = t.detach().to("cpu", getattr(torch, spec.dtype)).contiguous().numpy()
+    def _run(self, args):
+        feed = {s.name: t.detach().numpy() for s, t in zip(self.spec.inputs, args)}
         outs = self.session.run([o.name for o in self.spec.outputs], feed)
-        return [torch.from_numpy(np.ascontiguousarray(o)).to(self.device) for o in outs]
+        return [torch.from_numpy(np.ascontiguousarray(o)).to(self.out_device) for o in outs]
 
 
 def load_graphs(root: str | Path, target: Target, device: torch.device, names=GRAPH_NAMES, threads: int = 0):

@@ -1,0 +1,294 @@
+"""The engine layer's graph contract on the CPU: stub graphs that reuse their output buffers (as TensorRT
+does) behind the callers that keep outputs (text encoder rows, VAE chunks and caches, the denoising
+step), the contract's input checks, and the TensorRT graph class driven by a fake `tensorrt` module
+whose execution context reads and writes the bound host addresses."""
+
+from __future__ import annotations
+
+import ctypes
+import types
+
+import pytest
+import torch
+
+from wanrt.engine.graph import ContractGraph, FunctionGraph, GraphInputError, GraphOutputError
+from wanrt.export.specs import GraphSpec, TensorSpec
+from wanrt.runtime.backends import GraphSingle, GraphTextEncoder, GraphVAE, graph_backends
+
+F32, I64 = "float32", "int64"
+
+
+class Reusing:
+    """A stub engine: `fn(*inputs)` computed into the SAME output buffers on every call; it refuses an input
+    that aliases one of its outputs (reading and writing one buffer in one launch is undefined in TensorRT)."""
+
+    def __init__(self, fn, shapes):
+        self.fn = fn
+        self.bufs = [torch.empty(s) for s in shapes]
+
+    def __call__(self, *args):
+        for a in args:
+            for b in self.bufs:
+                if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+                    raise AssertionError("an input aliases an output buffer")
+        for b, v in zip(self.bufs, self.fn(*args)):
+            b.copy_(v)
+        return list(self.bufs)
+
+
+class Lying(FunctionGraph):
+    """The bug the contract exists for: an engine that reuses its buffers but does not say so
+    (what wanrt's TensorRT graph did before the contract)."""
+
+    reuses_outputs = False
+
+
+def text_spec(n=4, d=3):
+    return GraphSpec("t5", (TensorSpec("ids", I64, (1, n)), TensorSpec("mask", I64, (1, n))),
+                     (TensorSpec("context", F32, (1, n, d)),))
+
+
+def text_fn(ids, mask):
+    return [(ids * mask).float()[..., None].expand(1, ids.shape[1], 3) + 1]
+
+
+def test_text_encoder_rows_stay_distinct_under_buffer_reuse():
+    """CFG needs two different embeddings (prompt, negative prompt). With an engine that reuses its
+    output and a contract that does not copy, both rows become the last prompt's (guidance silently off)."""
+    ids = torch.tensor([[5, 6, 7, 0], [9, 9, 0, 0]])
+    mask = (ids != 0).long()
+    want = torch.cat([text_fn(ids[i:i + 1], mask[i:i + 1])[0] for i in range(2)])
+    safe = GraphTextEncoder(FunctionGraph(Reusing(text_fn, [(1, 4, 3)]), text_spec(), reuses_outputs=True))
+    assert torch.equal(safe(ids, mask), want)
+    broken = GraphTextEncoder(Lying(Reusing(text_fn, [(1, 4, 3)]), text_spec()))
+    got = broken(ids, mask)
+    assert torch.equal(got[0], got[1]) and not torch.equal(got, want)  # the failure the contract prevents
+
+
+def vae_specs():
+    lat, cache = (1, 2, 1, 2, 2), (1, 2, 2, 2, 2)
+    frames = (1, 3, 1, 2, 2)
+    first = GraphSpec("vae_decoder_first", (TensorSpec("latent", F32, lat),),
+                      (TensorSpec("frames", F32, frames), TensorSpec("cache_out_0", F32, cache)))
+    steady = GraphSpec("vae_decoder", (TensorSpec("latent", F32, lat), TensorSpec("cache_in_0", F32, cache)),
+                       (TensorSpec("frames", F32, frames), TensorSpec("cache_out_0", F32, cache)))
+    return first, steady
+
+
+def dec_first(z):
+    return [z.sum(1, keepdim=True).expand(1, 3, 1, 2, 2) * 1.5, torch.cat([z, z], 2)]
+
+
+def dec(z, c):
+    frames = (z.sum(1, keepdim=True) + c.mean()).expand(1, 3, 1, 2, 2)
+    return [frames, torch.cat([c[:, :, 1:], z], 2) * 0.5 + 1]
+
+
+def test_vae_chunks_and_caches_under_buffer_reuse():
+    """decode_chunks keeps every chunk and feeds the caches back: with reused buffers and no copy, every
+    chunk would be the last one and the cache input would alias the cache output."""
+    from wanrt.models.vae import decode_chunks
+
+    first, steady = vae_specs()
+    z = torch.randn(1, 2, 5, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def backend(cls, reuses):
+        shapes = [(1, 3, 1, 2, 2), (1, 2, 2, 2, 2)]
+        g1 = cls(Reusing(dec_first, shapes), first, reuses_outputs=reuses) if cls is FunctionGraph else \
+            cls(Reusing(dec_first, shapes), first)
+        g2 = cls(Reusing(dec, shapes), steady, reuses_outputs=reuses) if cls is FunctionGraph else \
+            cls(Reusing(dec, shapes), steady)
+        return GraphVAE(None, None, g1, g2)
+
+    fresh = GraphVAE(None, None, FunctionGraph(dec_first, first), FunctionGraph(dec, steady))
+    want = decode_chunks(fresh.decode_chunk, z)
+    got = decode_chunks(backend(FunctionGraph, True).decode_chunk, z)
+    assert torch.equal(got, want)
+    with pytest.raises(AssertionError, match="aliases"):  # without the copy: cache in == cache out
+        decode_chunks(backend(Lying, False).decode_chunk, z)
+
+
+def test_dit_step_is_safe_with_borrowed_outputs():
+    """The step borrows the DiT's output buffer (zero copy) and consumes it before the next call: the
+    latent after all steps equals the one from a DiT that returns fresh tensors, bit for bit."""
+    from wanrt.runtime.step import CFGStep
+    from wanrt.schedulers import make_scheduler
+
+    shape = (2, 4, 2, 2, 2)
+    spec = GraphSpec("dit", (TensorSpec("x", F32, shape), TensorSpec("t", I64, (2,)),
+                             TensorSpec("context", F32, (2, 3, 5)), TensorSpec("clip_fea", F32, (2, 2, 5)),
+                             TensorSpec("y", F32, shape)), (TensorSpec("velocity", F32, shape),))
+
+    def velocity(x, t, context, clip_fea, y):
+        return [x * 0.3 - y * 0.1 + t.view(2, 1, 1, 1, 1) / 1000 + context.mean((1, 2)).view(2, 1, 1, 1, 1)]
+
+    g = torch.Generator().manual_seed(1)
+    latent, y1 = torch.randn(1, *shape[1:], generator=g), torch.randn(1, *shape[1:], generator=g)
+    context, clip = torch.randn(2, 3, 5, generator=g), torch.randn(1, 2, 5, generator=g)
+
+    def run(dit):
+        sched = make_scheduler("unipc", 3.0)
+        sched.set_timesteps(6, device=torch.device("cpu"))
+        return CFGStep(dit, context, clip, y1, 5.0, sched, latent).run(cuda_graph=False).clone()
+
+    want = run(GraphSingle(FunctionGraph(velocity, spec)))
+    got = run(GraphSingle(FunctionGraph(Reusing(velocity, [shape]), spec, reuses_outputs=True), borrow=True))
+    assert torch.equal(got, want)
+    assert graph_backends({"dit": FunctionGraph(velocity, spec)})["dit"].call.__name__ == "borrow"
+
+
+def test_inputs_are_checked_and_cast():
+    seen = []
+    graph = FunctionGraph(lambda ids, mask: (seen.append((ids.dtype, mask.dtype)), text_fn(ids, mask))[1],
+                          text_spec())
+    ids = torch.ones(1, 4, dtype=torch.int32)
+    graph(ids, torch.ones(1, 4, dtype=torch.bool))
+    assert seen == [(torch.int64, torch.int64)]  # cast to the spec
+    with pytest.raises(GraphInputError, match="got 1 inputs, the graph takes 2"):
+        graph(ids)
+    with pytest.raises(GraphInputError, match=r"input mask has shape \(1, 5\)"):
+        graph(ids, torch.ones(1, 5, dtype=torch.int64))
+    with pytest.raises(GraphInputError, match="input ids is torch.float32, the graph takes int64"):
+        graph(ids.float(), ids)
+    wrong = FunctionGraph(lambda ids, mask: [torch.zeros(1, 4, 2)], text_spec())
+    with pytest.raises(GraphOutputError, match="its I/O spec says"):
+        wrong(ids, ids)
+    with pytest.raises(TypeError, match="not ContractGraphs"):
+        graph_backends({"t5": text_fn})
+    assert issubclass(FunctionGraph, ContractGraph)
+
+
+# -- TensorRT, driven by a fake module ----------------------------------------------------------------
+
+
+def _at(ptr: int, shape, dtype) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    size = n * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_char * size).from_address(ptr), dtype=dtype).view(shape)
+
+
+def fake_trt(io, fn, refuse=()):
+    """A `tensorrt` stand-in: an engine with tensors `io` = [(name, mode, shape, dtype name)] whose
+    execution reads the inputs at their bound (host) addresses and writes fn(inputs) to the outputs'."""
+    DataType = types.SimpleNamespace(**{k: k for k in ("FLOAT", "HALF", "BF16", "FP8", "INT64", "INT32", "INT8",
+                                                        "UINT8", "BOOL")})
+    Mode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    torch_of = {"FLOAT": torch.float32, "INT64": torch.int64, "HALF": torch.float16, "BF16": torch.bfloat16}
+
+    class Context:
+        def __init__(self):
+            self.addr = {}
+
+        def set_tensor_address(self, name, ptr):
+            if name in refuse:
+                return False
+            self.addr[name] = ptr
+            return True
+
+        def execute_async_v3(self, stream):
+            ins = [_at(self.addr[n], s, torch_of[d]) for n, m, s, d in io if m == "in"]
+            outs = [_at(self.addr[n], s, torch_of[d]) for n, m, s, d in io if m == "out"]
+            for o, v in zip(outs, fn(*ins)):
+                o.copy_(v)
+            return True
+
+    class Engine:
+        num_io_tensors = len(io)
+
+        def get_tensor_name(self, i):
+            return io[i][0]
+
+        def get_tensor_mode(self, name):
+            return next(m for n, m, _, _ in io if n == name)
+
+        def get_tensor_shape(self, name):
+            return next(s for n, _, s, _ in io if n == name)
+
+        def get_tensor_dtype(self, name):
+            return next(d for n, _, _, d in io if n == name)
+
+        def create_execution_context(self):
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            assert bytes(plan[:4]) == b"plan"  # read through the memory map
+            return Engine()
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    return types.SimpleNamespace(DataType=DataType, TensorIOMode=Mode, Runtime=Runtime, Logger=Logger)
+
+
+CACHE_SPEC = GraphSpec("vae_decoder", (TensorSpec("latent", F32, (1, 2)), TensorSpec("cache_in_0", F32, (1, 3))),
+                       (TensorSpec("frames", F32, (1, 2)), TensorSpec("cache_out_0", F32, (1, 3))))
+CACHE_IO = [("latent", "in", (1, 2), "FLOAT"), ("cache_in_0", "in", (1, 3), "FLOAT"),
+            ("frames", "out", (1, 2), "FLOAT"), ("cache_out_0", "out", (1, 3), "FLOAT")]
+
+
+def cache_fn(z, c):
+    return [z * 2 + c.sum(), c + 1]
+
+
+@pytest.fixture
+def plan(tmp_path):
+    path = tmp_path / "g.plan"
+    path.write_bytes(b"plan" + bytes(60))
+    return path
+
+
+def test_trt_graph_owns_inputs_and_hands_out_copies(plan):
+    from wanrt.engine.tensorrt import TRTGraph
+
+    g = TRTGraph(plan, CACHE_SPEC, torch.device("cpu"), trt=fake_trt(CACHE_IO, cache_fn))
+    assert all(b.data_ptr() % 256 == 0 for b in (*g.inputs, *g.outputs))  # owned, aligned, bound once
+    z, c = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.zeros(1, 3)  # fp64: cast by the contract
+    outs = []
+    for _ in range(3):  # the VAE cache loop: outputs fed back as inputs, every chunk kept
+        frames, c = g(z, c)
+        outs.append(frames)
+    ref_c, ref = torch.zeros(1, 3), []
+    for _ in range(3):
+        f, ref_c = cache_fn(z.float(), ref_c)
+        ref.append(f)
+    assert torch.equal(torch.cat(outs), torch.cat(ref)) and torch.equal(c, ref_c)
+    borrowed = g.borrow(z, c)
+    assert borrowed[0].data_ptr() == g.outputs[0].data_ptr()  # the explicit zero-copy form
+    with pytest.raises(GraphInputError, match="cache_in_0 has shape"):
+        g(z, torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("io, match", [
+    ([*CACHE_IO[:3], ("cache_out_0", "out", (1, 3), "BF16")], "cache_out_0: engine"),
+    (CACHE_IO[:3], "cache_out_0: engine None"),
+    ([*CACHE_IO[:1], ("cache_in_0", "in", (1, 4), "FLOAT"), *CACHE_IO[2:]], r"cache_in_0: engine \('input', \(1, 4\)"),
+])
+def test_trt_graph_checks_the_engine_io_at_load(plan, io, match):
+    from wanrt.engine.tensorrt import TRTGraph
+
+    with pytest.raises(ValueError, match=match):
+        TRTGraph(plan, CACHE_SPEC, torch.device("cpu"), trt=fake_trt(io, cache_fn))
+
+
+def test_trt_graph_checks_set_tensor_address(plan):
+    from wanrt.engine.tensorrt import TRTGraph
+
+    with pytest.raises(RuntimeError, match="refused the address of frames"):
+        TRTGraph(plan, CACHE_SPEC, torch.device("cpu"), trt=fake_trt(CACHE_IO, cache_fn, refuse=("frames",)))
+
+
+def test_trt_dtype_map_is_complete():
+    from wanrt.engine.graph import DTYPES
+    from wanrt.engine.tensorrt import TRT_DTYPES
+
+    assert set(TRT_DTYPES) == set(DTYPES)
+    assert {"BF16", "HALF", "FP8", "INT32", "BOOL", "FLOAT", "INT64"} <= set(TRT_DTYPES.values())
