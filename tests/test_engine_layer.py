@@ -292,3 +292,131 @@ def test_trt_dtype_map_is_complete():
 
     assert set(TRT_DTYPES) == set(DTYPES)
     assert {"BF16", "HALF", "FP8", "INT32", "BOOL", "FLOAT", "INT64"} <= set(TRT_DTYPES.values())
+
+
+# -- the engine dir: layout, typed manifest, integrity ---------------------------------------------------
+
+
+def _engine_dir(root):
+    import dataclasses
+
+    from wanrt.engine.dir import EngineDir
+    from wanrt.export.specs import Target
+    from wanrt.models.config import WanConfig
+
+    target = Target(64, 48, 9)
+    d = EngineDir(root)
+    m = d.open(source={"path": "x", "layout": "official", "fingerprint": "f"},
+               config=dataclasses.asdict(WanConfig.tiny()), precision="fp32", target=target)
+    f = d.onnx_path("dit", target)
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"graph bytes")
+    m.record("graphs", "dit@64x48x9", [str(f.relative_to(root))], component="dit", graph="dit")
+    return d, target, f
+
+
+@pytest.mark.parametrize("edit", ["batch", "config", "versions", "spec"])
+def test_an_edited_manifest_is_refused(tmp_path, edit):
+    """Before: an edited batch or config changed the shapes a loader used without notice."""
+    import json
+
+    from wanrt.engine.manifest import EngineError, Manifest
+    from wanrt.runtime.backends import from_engine_dir
+
+    d, target, _ = _engine_dir(tmp_path)
+    assert d.verify() == [] and Manifest.load(tmp_path).batch == 2
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    if edit == "batch":
+        data["batch"] = 1
+    elif edit == "config":
+        data["config"]["dit"]["num_layers"] += 1
+    elif edit == "versions":
+        data["versions"]["torch"] = "0.0"
+    else:
+        data["graphs"]["dit@64x48x9"]["graph"] = "vae"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="changed after wanrt wrote it"):
+        from_engine_dir(tmp_path, "onnxruntime", torch.device("cpu"))
+    assert len(d.__class__.load(tmp_path).verify()) == 1
+
+
+def test_load_checks_size_and_mtime_then_the_hash(tmp_path, monkeypatch):
+    import os
+
+    from wanrt.engine import manifest as manifest_mod
+    from wanrt.engine.manifest import EngineError, Manifest
+
+    d, target, f = _engine_dir(tmp_path)
+    m = Manifest.load(tmp_path)
+    hashed = []
+    real = manifest_mod.sha256
+    monkeypatch.setattr(manifest_mod, "sha256", lambda p: hashed.append(p) or real(p))
+    m.verify_files("graphs", "dit@64x48x9")
+    assert hashed == []  # size and mtime as recorded: no re-hash at load
+    m.verify_files("graphs", "dit@64x48x9", full=True)
+    assert hashed == [f]  # on demand: the full hash
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched (e.g. copied), same bytes: passes
+    m.verify_files("graphs", "dit@64x48x9")
+    assert len(hashed) == 2
+    f.write_bytes(b"graph bytez")  # same size, new bytes and mtime: re-hashed, refused
+    with pytest.raises(EngineError, match="does not match its sha256"):
+        m.verify_files("graphs", "dit@64x48x9")
+
+
+def test_doctor_verify(tmp_path):
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+
+    d, target, f = _engine_dir(tmp_path)
+    ok = CliRunner().invoke(app, ["doctor", "--verify", str(tmp_path)])
+    assert ok.exit_code == 0 and "intact" in ok.output, ok.output
+    st = f.stat()
+    f.write_bytes(b"graph bytez")
+    os_utime = __import__("os").utime
+    os_utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime kept: only the full hash sees it
+    bad = CliRunner().invoke(app, ["doctor", "--verify", str(tmp_path)])
+    assert bad.exit_code == 1 and "does not match its sha256" in bad.output, bad.output
+
+
+def test_component_table_and_old_spellings():
+    from wanrt.export.specs import COMPONENTS, GRAPH_NAMES, TABLE, check_components, component_of
+
+    assert COMPONENTS == ("text_encoder", "image_encoder", "dit", "vae")
+    assert [component_of(g) for g in GRAPH_NAMES] == ["text_encoder", "image_encoder", "dit"] + ["vae"] * 4
+    assert TABLE["text_encoder"].weights == "text_encoder"
+    assert check_components("dit, vae,dit") == ["dit", "vae"]
+    with pytest.raises(ValueError, match="'t5' is now called 'text_encoder'"):
+        check_components("t5,dit")
+    with pytest.raises(ValueError, match="'vae_decoder' is now called 'vae'"):
+        check_components(["vae_decoder"])
+    with pytest.raises(ValueError, match="unknown component 'unet'"):
+        check_components(["unet"])
+
+
+def test_cli_refuses_old_component_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+
+    r = CliRunner().invoke(app, ["export", "--ckpt_dir", "tiny", "--out", str(tmp_path), "--components", "t5"])
+    assert r.exit_code != 0 and "'t5' is now called 'text_encoder'" in r.output
+    assert not (tmp_path / "manifest.json").exists()  # refused before any work
+
+
+def test_fp8_recipe_keeps_nvidias_edge_blocks_bf16():
+    from wanrt.export.fp8 import excluded_blocks, quantized_linears, recipe_linears
+    from wanrt.models.config import WanConfig
+    from wanrt.models.dit import WanDiT
+
+    assert excluded_blocks(40) == [0, 1, 2, 37, 38, 39]
+    assert excluded_blocks(2) == []  # too few blocks to spare: the tiny model is quantised whole
+    cfg = WanConfig.tiny().dit
+    cfg = type(cfg)(**{**cfg.__dict__, "num_layers": 8})
+    with torch.device("meta"):
+        dit = WanDiT(cfg)
+    every = quantized_linears(dit)
+    kept = recipe_linears(dit)
+    assert {int(n.split(".")[1]) for n in kept} == {3, 4}
+    assert len(kept) == len(every) * 2 // 8 and recipe_linears(dit, "all") == every

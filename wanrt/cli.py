@@ -355,10 +355,20 @@ def _register_bench() -> None:
 _register_bench()
 
 
-@app.command(help="Show which backends are usable on this machine, and why the others are not.")
-def doctor() -> None:
+@app.command(help="Show which backends are usable on this machine, and why the others are not; "
+                  "--verify ENGINE_DIR re-hashes an engine dir's files and checks its manifest.")
+def doctor(
+    verify: Annotated[str | None, typer.Option("--verify", help="Engine dir to check in full.")] = None,
+) -> None:
     from wanrt.doctor import report
 
+    if verify is not None:
+        from wanrt.doctor import verify as verify_dir
+
+        lines = verify_dir(verify)
+        for line in lines:
+            typer.echo(line)
+        raise typer.Exit(0 if lines[0].startswith("ok") else 1)
     for line in report():
         typer.echo(line)
 

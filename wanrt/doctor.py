@@ -79,3 +79,14 @@ def report() -> list[str]:
     for c in checks():
         lines.append(f"{'ok  ' if c.ok else 'no  '} {c.name:<16} {c.detail}")
     return lines
+
+
+def verify(engine_dir) -> list[str]:
+    """`wanrt doctor --verify ENGINE_DIR`: re-hash every file of an engine dir and check its manifest.
+    Returns report lines; the first says whether it is intact."""
+    from wanrt.engine.dir import EngineDir
+
+    problems = EngineDir(engine_dir).verify(full=True)
+    if not problems:
+        return [f"ok   {engine_dir}: manifest and every file intact (full sha256)"]
+    return [f"no   {engine_dir}: {len(problems)} problem(s)"] + [f"     {p}" for p in problems]

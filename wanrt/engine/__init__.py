@@ -51,12 +51,12 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
 
 
 def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, force, log, attention, models=None):
-    from wanrt.engine.manifest import Manifest
     from wanrt.export import _copy_tokenizer
     from wanrt.export.graphs import graph_module
     from wanrt.models.loading import Checkpoint, load
 
     from .aoti import compile_package
+    from .dir import EngineDir
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"aoti builds fp32 or bf16 (got {precision!r}); fp8 engines are a TensorRT feature")
@@ -73,9 +73,7 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
         source = {"path": models.source or "in-memory", "layout": "memory", "fingerprint": f"memory-{digest}"}
     specs = graph_specs(cfg, target)
-    manifest = Manifest.open(out)
-    manifest.init(checkpoint=source, config=dataclasses.asdict(cfg), precision=precision, batch=target.batch)
-    manifest.add_profile(target.tag, target.width, target.height, target.frame_num)
+    manifest = EngineDir(out).open(source=source, config=dataclasses.asdict(cfg), precision=precision, target=target)
     if ckpt is not None:
         _copy_tokenizer(ckpt, out)
     elif models.text_encoder is not None and models.text_encoder.tokenizer is not None:
@@ -99,7 +97,7 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     missing = sorted({TABLE[c].weights for c, _ in todo if getattr(models, TABLE[c].weights) is None})
     if missing:
         raise ValueError(f"the in-memory models lack {missing} needed for {[g for _, g in todo]}")
-    for _component, graph in todo:
+    for component, graph in todo:
         key = engine_key("aoti", graph, target)
         rel = engine_file("aoti", graph, target, dev.type)
         path = out / rel
@@ -108,8 +106,8 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
         t0 = time.perf_counter()
         compile_package(graph_module(graph, models, target), specs[graph], path, dev, attention)
         seconds = round(time.perf_counter() - t0, 1)
-        manifest.record("engines", key, [rel], backend="aoti", graph=graph, spec=specs[graph].to_dict(),
-                        build_seconds=seconds, **facts)
+        manifest.record("engines", key, [rel], backend="aoti", component=component, graph=graph,
+                        spec=specs[graph].to_dict(), build_seconds=seconds, **facts)
         log(f"{key}: {rel} ({path.stat().st_size / 1e6:.1f} MB, {seconds} s)")
     return manifest
 
@@ -120,7 +118,10 @@ def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, l
 
     manifest = export(ckpt_dir, out, target, precision=precision, components=components, force=force, log=log)
     specs = {k: v for k, v in graph_specs(_config(manifest), target).items()}
-    cache = out / "engines" / "tensorrt" / "timing.cache"
+    trt = trt_build.require()
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    # timing results are only valid for one TensorRT version on one GPU architecture
+    cache = out / "engines" / "tensorrt" / f"timing-trt{trt.__version__}-sm{props.major}{props.minor}.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
     for component in components:
         for graph in GRAPHS[component]:
@@ -135,8 +136,9 @@ def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, l
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             facts = trt_build.build_plan(out / onnx_rel, path, specs[graph], settings, cache, log)
-            manifest.record("engines", key, [rel], backend="tensorrt", graph=graph, spec=specs[graph].to_dict(),
-                            settings=settings.to_dict(), onnx=onnx_rel, onnx_sha256=onnx_sha, **facts)
+            manifest.record("engines", key, [rel], backend="tensorrt", component=component, graph=graph,
+                            spec=specs[graph].to_dict(), settings=settings.to_dict(), onnx=onnx_rel,
+                            onnx_sha256=onnx_sha, **facts)
             log(f"{key}: {rel} ({facts['plan_bytes'] / 1e6:.1f} MB, {facts['build_seconds']} s)")
     return manifest
 

@@ -36,7 +36,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     from wanrt.export.graphs import build_graph, example_inputs
     from wanrt.models.loading import Checkpoint
 
-    from .manifest import Manifest
+    from .dir import EngineDir
 
     components = check_components(components)
     if precision not in PRECISIONS:
@@ -47,12 +47,11 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     specs = graph_specs(cfg, target)
     if force and (out / "manifest.json").exists():
         (out / "manifest.json").unlink()
-    manifest = Manifest.open(out)
-    manifest.init(checkpoint={"path": str(ckpt.folder), "layout": ckpt.layout, "fingerprint": ckpt.fingerprint()},
-                  config=dataclasses.asdict(cfg), precision=precision, batch=target.batch)
-    manifest.add_profile(target.tag, target.width, target.height, target.frame_num)
+    engine_dir = EngineDir(out)
+    manifest = engine_dir.open(source={"path": str(ckpt.folder), "layout": ckpt.layout,
+                                       "fingerprint": ckpt.fingerprint()},
+                               config=dataclasses.asdict(cfg), precision=precision, target=target)
     _copy_tokenizer(ckpt, out)
-    manifest.save()
 
     for component in components:
         for graph in GRAPHS[component]:
@@ -69,7 +68,8 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             if precision == "fp8" and graph == "dit":
                 from wanrt.export.fp8 import insert_qdq
 
-                proto, weights, fetch = insert_qdq(proto, weights, fetch, calibration or _calibration(out))
+                proto, weights, fetch = insert_qdq(proto, weights, fetch,
+                                                   calibration or _calibration(engine_dir.calibration_path))
             log(f"{key}: writing weights")
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             checked = onnx_export.check_graph(path)
             files = [str(Path(rel).parent / f) for f in info["files"]]
             profile = target.tag if resolution_dependent(graph) else None
-            manifest.record("graphs", key, files, graph=graph, profile=profile,
+            manifest.record("graphs", key, files, component=component, graph=graph, profile=profile,
                             spec=spec.to_dict(), weight_bytes=info["bytes"], ops=checked["ops"],
                             export_seconds=round(time.perf_counter() - t0, 2))
             log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "
@@ -86,10 +86,9 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     return manifest
 
 
-def _calibration(out: Path) -> dict:
+def _calibration(path: Path) -> dict:
     import json
 
-    path = out / "calibration" / "fp8_scales.json"
     if not path.is_file():
         raise ValueError(f"fp8 export needs activation scales: {path} is missing (run `wanrt export --precision "
                          "fp8`, which calibrates first)")

@@ -2,6 +2,14 @@
 
 The manifest is rewritten atomically after each finished file, and only lists files that are
 complete (their sha256 recorded), so a crash never leaves a manifest that claims an unfinished file.
+
+Integrity, at three costs:
+- the manifest's own fields (checkpoint, config, precision, batch, versions, profiles, every entry) are
+  covered by a sha256 of their canonical JSON, stored as "integrity" and checked on load: an edited
+  batch or config is refused instead of silently changing the shapes;
+- at load, every file is checked by size + mtime against what was recorded when it was written; a file
+  whose size or mtime differs is re-hashed and must match its recorded sha256 (a copied dir passes);
+- on demand (`wanrt doctor --verify ENGINE_DIR`), every file is re-hashed in full.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from pathlib import Path
 
 from wanrt._files import as_if_opened
 
-FORMAT = 1
+FORMAT = 2  # 2: "integrity" over the manifest itself, per-file size + mtime
 NAME = "manifest.json"
 
 
@@ -115,7 +123,42 @@ class Manifest:
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.data["versions"] = versions()
+        self.data["integrity"] = self.digest()
         write_json_atomic(self.root / NAME, self.data)
+
+    def digest(self) -> str:
+        """sha256 of the manifest's canonical JSON without its own "integrity" field."""
+        body = {k: v for k, v in self.data.items() if k != "integrity"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def check_integrity(self) -> None:
+        """The manifest's fields are as written (batch, config, versions, entries: nothing edited by hand)."""
+        if self.data.get("integrity") != self.digest():
+            raise EngineError(f"{self.root / NAME} was changed after wanrt wrote it (its fields no longer match "
+                              "its integrity hash); rebuild the engine dir with --force")
+
+    # -- typed view --------------------------------------------------------------------------------------
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    @property
+    def batch(self) -> int:
+        return self.data["batch"]
+
+    @property
+    def checkpoint(self) -> dict:
+        return self.data["checkpoint"]
+
+    @property
+    def profiles(self) -> dict:
+        return self.data.get("profiles", {})
+
+    def config(self):
+        from wanrt.models.config import WanConfig
+
+        return WanConfig.from_dict(self.data["config"])
 
     # -- entries --------------------------------------------------------------------------------------
 
@@ -126,6 +169,7 @@ class Manifest:
         """Record finished files (paths relative to root) with their sha256, then save."""
         entry = dict(info)
         entry["files"] = {f: sha256(self.root / f) for f in files}
+        entry["stats"] = {f: _stat(self.root / f) for f in files}
         self.data[section][key] = entry
         self.save()
 
@@ -137,18 +181,47 @@ class Manifest:
         e = self.entry(section, key)
         if e is None or any(e.get(k) != json.loads(json.dumps(v)) for k, v in expect.items()):  # tuples -> lists
             return False
-        return all((self.root / f).is_file() and sha256(self.root / f) == h for f, h in e["files"].items())
+        return all(self._file_ok(e, f) for f in e["files"])
 
-    def verify_files(self, section: str, key: str) -> dict:
-        """The entry, after checking every file's sha256; a missing, truncated or altered file is an error."""
+    def _file_ok(self, e: dict, f: str, full: bool = False) -> bool:
+        p = self.root / f
+        if not p.is_file():
+            return False
+        if not full and e.get("stats", {}).get(f) == _stat(p):
+            return True  # unchanged since it was hashed: same size and mtime
+        return sha256(p) == e["files"][f]
+
+    def verify_files(self, section: str, key: str, full: bool = False) -> dict:
+        """The entry, after checking every file (size + mtime, re-hashed when they changed; `full`: always
+        re-hashed); a missing, truncated or altered file is an error."""
         e = self.entry(section, key)
         if e is None:
             raise EngineError(f"{self.root}: no {section[:-1]} '{key}' in the manifest; build it first")
-        for f, h in e["files"].items():
+        for f in e["files"]:
             p = self.root / f
             if not p.is_file():
                 raise EngineError(f"{p} is missing; rebuild with `wanrt export/build --force`")
-            if sha256(p) != h:
+            if not self._file_ok(e, f, full):
                 raise EngineError(f"{p} does not match its sha256 in the manifest (truncated or corrupted); "
                                   "rebuild with --force")
         return e
+
+    def verify(self, full: bool = True) -> list[str]:
+        """Every problem of the engine dir (the manifest's integrity, every file of every entry), one line each."""
+        problems = []
+        try:
+            self.check_integrity()
+        except EngineError as e:
+            problems.append(str(e))
+        for section in ("graphs", "engines"):
+            for key in self.data.get(section, {}):
+                try:
+                    self.verify_files(section, key, full)
+                except EngineError as e:
+                    problems.append(str(e))
+        return problems
+
+
+def _stat(path: Path) -> list[int]:
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]

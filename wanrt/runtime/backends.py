@@ -200,6 +200,13 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
         raise ValueError(f"unknown engine backend {backend!r}; choose from {', '.join(ENGINE_BACKENDS)}")
     m = Manifest.load(engine_dir)
     target = _pick_profile(m, width, height, frame_num)
+    graphs = [g for c in components for g in GRAPHS[c]]
+    if backend != "onnxruntime":  # built for this wanrt / library / device? (says how to rebuild)
+        from wanrt.engine import loader
+
+        loader.check_compatible(m, backend, Target(target.width, target.height, target.frame_num, m.batch),
+                                device, graphs)
+    m.check_integrity()  # nothing edited by hand: batch, config, specs are as written
     if checkpoint is not None:
         from wanrt.models.loading import Checkpoint
 
@@ -210,8 +217,7 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
     config = WanConfig.from_dict(m.data["config"])
     tok_dir = Path(engine_dir) / "tokenizer"  # absent for engines built from in-memory random weights
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
-    target = Target(target.width, target.height, target.frame_num, m.data["batch"])
-    graphs = [g for c in components for g in GRAPHS[c]]
+    target = Target(target.width, target.height, target.frame_num, m.batch)
     if backend == "onnxruntime":
         from wanrt.runtime.onnxruntime import load_graphs
 
