@@ -30,7 +30,7 @@ from wanrt.export.specs import (
 def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str = "fp32",
            components: Iterable[str] = COMPONENTS, force: bool = False,
            log: Callable[[str], None] = print, inline_limit: int | None = None,
-           calibration: dict | None = None):
+           calibration: dict | None = None, graph_attention: str = "matmul"):
     """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest."""
     from wanrt.export import onnx as onnx_export
     from wanrt.export.graphs import build_graph, example_inputs
@@ -39,6 +39,9 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     from .dir import EngineDir
 
     components = check_components(components)
+    if graph_attention not in onnx_export.GRAPH_ATTENTION:
+        raise ValueError(f"graph attention must be one of {', '.join(onnx_export.GRAPH_ATTENTION)}, "
+                         f"got {graph_attention!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = Path(out)
@@ -57,13 +60,14 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
         for graph in GRAPHS[component]:
             key, rel = graph_key(graph, target), graph_file(graph, target)
             spec = specs[graph]
-            if not force and manifest.is_current("graphs", key, spec=spec.to_dict()):
+            form = graph_attention if graph == "dit" else "matmul"  # the DiT is where attention costs
+            if not force and manifest.is_current("graphs", key, spec=spec.to_dict(), attention=form):
                 log(f"{key}: up to date")
                 continue
             t0 = time.perf_counter()
             log(f"{key}: tracing")
             module = build_graph(graph, cfg, target, precision)
-            proto, weights = onnx_export.trace(module, spec, example_inputs(spec))
+            proto, weights = onnx_export.trace(module, spec, example_inputs(spec), graph_attention=form)
             fetch = _fetcher(ckpt, component, module)
             if precision == "fp8" and graph == "dit":
                 from wanrt.export.fp8 import insert_qdq
@@ -78,7 +82,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             checked = onnx_export.check_graph(path)
             files = [str(Path(rel).parent / f) for f in info["files"]]
             profile = target.tag if resolution_dependent(graph) else None
-            manifest.record("graphs", key, files, component=component, graph=graph, profile=profile,
+            manifest.record("graphs", key, files, component=component, graph=graph, profile=profile, attention=form,
                             spec=spec.to_dict(), weight_bytes=info["bytes"], ops=checked["ops"],
                             export_seconds=round(time.perf_counter() - t0, 2))
             log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "

@@ -5,9 +5,11 @@ amax / 448 for every linear of the attention blocks (self-attention q/k/v/o, cro
 q/k/v/o/k_img/v_img, FFN up/down). Patch embedding, time/text/image embedders and the head stay in
 high precision, as in NVIDIA's Wan recipe. In the graph each quantised linear becomes
 
-    x (bf16) -> QuantizeLinear(s_x) -> DequantizeLinear(s_x) -> MatMul <- Transpose <- DequantizeLinear(s_w) <- W (fp8)
+    x (bf16) -> QuantizeLinear(s_x) -> DequantizeLinear(s_x) -> MatMul <- DequantizeLinear(s_w) <- W^T (fp8)
 
-which is the pattern TensorRT's strongly typed builder turns into FP8 GEMMs. `fake_quant` applies the
+with the weight stored pre-transposed ([in, out], as ModelOpt does), so DequantizeLinear feeds the
+MatMul directly: the pattern TensorRT's strongly typed builder folds into one FP8 GEMM (a Transpose
+between DQ and MatMul is an extra layer it may not fold). `fake_quant` applies the
 same scales to a PyTorch model, which is how the FP8 error is measured where no FP8 runtime exists.
 """
 
@@ -110,6 +112,7 @@ def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], 
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     new_nodes_before: dict[int, list] = {}  # id(node) -> nodes to insert before it
+    dropped: set[int] = set()  # the weight Transposes, folded into the stored weight
     fp8_names = {}
     for name, (s_x, s_w) in table.items():
         w = f"net.{name}.weight"
@@ -117,7 +120,7 @@ def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], 
             raise ValueError(f"calibrated linear {name} is not in the graph (calibration for another model?)")
         elem = inputs[w].type.tensor_type.elem_type  # bf16 (or fp32): the matmul's dtype
         np_dtype = {TensorProto.BFLOAT16: torch.bfloat16, TensorProto.FLOAT: torch.float32}[elem]
-        # weight: FP8 input -> DequantizeLinear -> (the old consumers, a Transpose)
+        # the weight input becomes FP8 (renamed; its bytes come from fetch_fp8 below)
         wq = f"{w}_fp8"
         fp8_names[wq] = (w, s_w)
         inputs[w].name = wq
@@ -129,23 +132,28 @@ def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], 
         if len(transposes) != 1:
             raise ValueError(f"{w}: expected one consumer, found {[n.op_type for n in transposes]}")
         t_node = transposes[0]
-        dq_w = helper.make_node("DequantizeLinear", [wq, sw], [f"{w}_dq"], name=f"{w}/dq")
-        t_node.input[list(t_node.input).index(w)] = f"{w}_dq"
-        # activation: Q/DQ on the MatMul's other input
         mm = consumers.get(t_node.output[0], [])
-        if t_node.op_type != "Transpose" or len(mm) != 1 or mm[0].op_type != "MatMul":
+        perm = next((list(a.ints) for a in t_node.attribute if a.name == "perm"), [1, 0])
+        if t_node.op_type != "Transpose" or perm != [1, 0] or len(mm) != 1 or mm[0].op_type != "MatMul":
             raise ValueError(f"{w}: expected Transpose -> MatMul, found {t_node.op_type} -> "
                              f"{[n.op_type for n in mm]}")
+        # weight: stored transposed ([in, out]) in FP8 -> DequantizeLinear -> MatMul; the Transpose goes
+        dims = inputs[w].type.tensor_type.shape.dim
+        dims[0].dim_value, dims[1].dim_value = dims[1].dim_value, dims[0].dim_value
+        dq_w = helper.make_node("DequantizeLinear", [wq, sw], [f"{w}_dq"], name=f"{w}/dq")
+        mm[0].input[list(mm[0].input).index(t_node.output[0])] = f"{w}_dq"
+        dropped.add(id(t_node))
+        # activation: Q/DQ on the MatMul's other input
         x = mm[0].input[0]
         q = helper.make_node("QuantizeLinear", [x, sx, zp], [f"{x}_q_{name}"], name=f"{name}/q")
         dq_x = helper.make_node("DequantizeLinear", [f"{x}_q_{name}", sx], [f"{x}_dq_{name}"], name=f"{name}/dq")
         mm[0].input[0] = f"{x}_dq_{name}"
-        new_nodes_before.setdefault(id(t_node), []).append(dq_w)
-        new_nodes_before.setdefault(id(mm[0]), []).extend([q, dq_x])
+        new_nodes_before.setdefault(id(mm[0]), []).extend([dq_w, q, dq_x])
     nodes = []
     for node in graph.node:
         nodes.extend(new_nodes_before.get(id(node), []))
-        nodes.append(node)
+        if id(node) not in dropped:
+            nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)  # still topologically sorted: each new node sits right before its consumer
     if not any(o.domain in ("", "ai.onnx") and o.version >= 19 for o in proto.opset_import):
@@ -157,7 +165,8 @@ def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], 
     def fetch_fp8(name: str) -> torch.Tensor:
         if name in fp8_names:
             old, s_w = fp8_names[name]
-            return (fetch(old).float() / s_w).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            w = fetch(old).float().t().contiguous()  # [in, out]: what MatMul reads, no Transpose in the graph
+            return (w / s_w).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return fetch(name)
 
     return proto, weights, fetch_fp8

@@ -24,6 +24,43 @@ import torch
 from .specs import GraphSpec
 
 OPSET = 20  # TensorRT 10.x parses opsets 9..20; 11.x up to 25
+ATTENTION_OPSET = 23  # the ONNX `Attention` op (TensorRT parses it since 10.14, as IAttention)
+
+# How attention appears in the exported graph (`wanrt export --graph_attention`):
+# - "matmul" (default): q pre-scaled by 1/sqrt(D), then MatMul -> Softmax -> MatMul in the graph's dtype,
+#   with no Cast between them, the pattern TensorRT's Myelin matcher fuses into one attention kernel (a
+#   Cast island MatMul -> Cast(fp32) -> Softmax -> Cast(bf16) -> MatMul is not guaranteed to fuse, and
+#   unfused the 720p score tensor is ~1.8 TB). TensorRT's fused kernels accumulate softmax in fp32.
+# - "onnx": the opset-23 `Attention` op (q pre-scaled, scale=1), which TensorRT >= 10.14 maps to IAttention
+#   (NVIDIA's Wan demo exports this form). Applied to the DiT; the other graphs stay opset 20.
+GRAPH_ATTENTION = ("matmul", "onnx")
+
+
+def _cast_free_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    import math
+
+    q = (q * (1.0 / math.sqrt(q.shape[-1]))).transpose(1, 2)  # (B, H, Lq, D), pre-scaled
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1))  # (B, H, Lq, Lk)
+    return torch.matmul(torch.softmax(scores, dim=-1), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    import math
+
+    import torch.nn.functional as F
+
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # TensorRT wants Q pre-scaled before BMM1
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0)
+    return out.transpose(1, 2)
+
+
+def _register_forms() -> dict[str, str]:
+    """The export-only attention implementations, registered in the attention seam under private names."""
+    from wanrt.kernels import attention
+
+    attention.register("_export_matmul")(_cast_free_math)
+    attention.register("_export_onnx")(_attention_op)
+    return {"matmul": "_export_matmul", "onnx": "_export_onnx"}
 INLINE_LIMIT = 1_900_000_000
 _ALIGN = 64
 
@@ -41,8 +78,10 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def trace(module: torch.nn.Module, spec: GraphSpec, args: tuple, opset: int = OPSET):
+def trace(module: torch.nn.Module, spec: GraphSpec, args: tuple, opset: int | None = None,
+          graph_attention: str = "matmul"):
     """Dynamo-export `module` (meta weights) -> optimised ModelProto whose weights are graph inputs.
+    graph_attention: how attention appears in the graph (GRAPH_ATTENTION); "onnx" implies opset 23.
 
     Returns (ModelProto, weight_names): weight_names are the weight inputs (module FQNs) still used.
     """
@@ -50,9 +89,13 @@ def trace(module: torch.nn.Module, spec: GraphSpec, args: tuple, opset: int = OP
 
     from wanrt.kernels import attention, fused
 
+    if graph_attention not in GRAPH_ATTENTION:
+        raise ValueError(f"graph attention must be one of {', '.join(GRAPH_ATTENTION)}, got {graph_attention!r}")
+    impl = _register_forms()[graph_attention]
+    opset = opset or (ATTENTION_OPSET if graph_attention == "onnx" else OPSET)
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
-    with warnings.catch_warnings(), _quiet(), attention.use("math"), fused.use("torch"), torch.no_grad():
+    with warnings.catch_warnings(), _quiet(), attention.use(impl), fused.use("torch"), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names_in,
                                     output_names=names_out, optimize=False, verbose=False)
