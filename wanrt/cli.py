@@ -274,6 +274,10 @@ ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separate
 BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
 DebugOpt = Annotated[bool, typer.Option("--debug")]
+GraphAttentionOpt = Annotated[str, typer.Option(
+    "--graph_attention", "--graph-attention",
+    help="How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, any "
+         "TensorRT >= 10.12) or onnx (the opset-23 Attention op, TensorRT >= 10.14).")]
 DEFAULT_COMPONENTS = "text_encoder,image_encoder,dit,vae"  # export.specs.COMPONENTS (not imported: torch)
 
 
@@ -287,6 +291,7 @@ def export(
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     calib_steps: CalibStepsOpt = 4,
+    graph_attention: GraphAttentionOpt = "matmul",
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -297,7 +302,7 @@ def export(
         t0 = time.perf_counter()
         calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
-                   calibration=calibration)
+                   calibration=calibration, graph_attention=graph_attention)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
     except _known_errors() as e:
         _fail(e, debug)
@@ -322,6 +327,7 @@ def build(
                                                 "refitted from the ONNX at load.")] = False,
     tf32: Annotated[bool, typer.Option("--tf32", help="tensorrt: allow TF32 in the fp32 graphs (VAE).")] = False,
     calib_steps: CalibStepsOpt = 4,
+    graph_attention: GraphAttentionOpt = "matmul",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -336,7 +342,7 @@ def build(
 
             require()  # one clear line before any export work when TensorRT is absent
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights,
-                           tf32=tf32)
+                           tf32=tf32, graph_attention=graph_attention)
             _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)
