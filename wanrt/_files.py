@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 
-def _umask() -> int:
+def umask() -> int:
     try:  # Linux: read it without changing it (os.umask() can only be read by setting it)
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -25,4 +25,4 @@ def _umask() -> int:
 
 def as_if_opened(path: str | Path) -> None:
     """chmod `path` (a file made by mkstemp) to 0666 minus the umask."""
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, 0o666 & ~umask())

@@ -96,7 +96,28 @@ _UNUSED_OFFICIAL_FLAGS = {
     "t5_fsdp": "use torchrun with --tp_size",
     "dit_fsdp": "use torchrun with --ulysses_size/--tp_size",
     "use_prompt_extend": "prompt extension is not part of wanrt",
+    "image": "the official I2V input; FLF2V takes --first_frame and --last_frame",
+    "src_video": "a VACE input; FLF2V does not use it",
+    "src_mask": "a VACE input; FLF2V does not use it",
+    "src_ref_images": "a VACE input; FLF2V does not use it",
 }
+
+
+def _check_device(device: str | None) -> None:
+    """--device cuda on a torch without CUDA (or without that GPU): one line, before any work."""
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = ("a CPU-only build" if torch.version.cuda is None
+                 else f"built for CUDA {torch.version.cuda}, but no GPU is visible")
+        raise CLIError(f"--device {device}: this torch {torch.__version__} is {build}; use --device cpu, or install "
+                       "a CUDA build of torch on a GPU machine")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 .. "
+                       f"cuda:{torch.cuda.device_count() - 1})")
 
 
 @app.command(help="Generate a video from a first frame, a last frame and a prompt (official generate.py flags). "
@@ -121,7 +142,11 @@ def generate(
     sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale")] = 5.0,
     sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver", help="unipc or dpm++.")] = "unipc",
     base_seed: Annotated[int, typer.Option("--base_seed", "--base-seed", help="-1: random.")] = -1,
-    save_file: Annotated[str | None, typer.Option("--save_file", "--save-file")] = None,
+    save_file: Annotated[str | None, typer.Option("--save_file", "--save-file", help="Video file (.mp4, .mov or "
+                                                 ".mkv). Default: a new file named for the task, the real size, the "
+                                                 "frame count, the seed and the time; never replaces another.")] = None,
+    save_frames: Annotated[str | None, typer.Option("--save_frames", "--save-frames", help="Also write every frame "
+                                                    "as a lossless PNG into this new folder.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 map on CUDA, fp32 on CPU), fp32, bf16.")] = "auto",
     backend: Annotated[str, typer.Option("--backend", help="eager, onnxruntime, aoti or tensorrt.")] = "eager",
@@ -136,6 +161,10 @@ def generate(
                                               help="Capture the denoising step as a CUDA graph.")] = True,
     attention: Annotated[str, typer.Option("--attention", help="sdpa, flash or sage (Triton kernels).")] = "sdpa",
     kernels: Annotated[str, typer.Option("--kernels", help="torch or triton (fused norm/RoPE kernels).")] = "torch",
+    last_frame_fit: Annotated[str, typer.Option("--last_frame_fit", help="A last frame of another size than the "
+                                                "first: 'resize' it (center crop to the aspect ratio, bicubic; "
+                                                "default) or 'official' (the official code's cropping, for "
+                                                "parity).")] = "resize",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Run as N local processes (what torchrun "
                                        "--nproc_per_node=N -m wanrt generate does).")] = 1,
@@ -155,6 +184,10 @@ def generate(
     prompt_extend_method: Annotated[str | None, typer.Option("--prompt_extend_method", hidden=True)] = None,
     prompt_extend_model: Annotated[str | None, typer.Option("--prompt_extend_model", hidden=True)] = None,
     prompt_extend_target_lang: Annotated[str | None, typer.Option("--prompt_extend_target_lang", hidden=True)] = None,
+    image: Annotated[str | None, typer.Option("--image", hidden=True)] = None,
+    src_video: Annotated[str | None, typer.Option("--src_video", hidden=True)] = None,
+    src_mask: Annotated[str | None, typer.Option("--src_mask", hidden=True)] = None,
+    src_ref_images: Annotated[str | None, typer.Option("--src_ref_images", hidden=True)] = None,
 ) -> None:
     try:
         import random
@@ -163,12 +196,14 @@ def generate(
         from wanrt.parallel import ParallelPlan, load_pipeline, model_config, session, spawn
         from wanrt.parallel.launch import command_argv, env_rank
         from wanrt.pipeline import validate
-        from wanrt.video import check_writable, load_image
+        from wanrt.video import check_frames_folder, check_writable, load_image
 
         if task not in TASKS:
             raise CLIError(f"unknown task {task!r}: wanrt runs {', '.join(TASKS)}")
         given = {"offload_model": offload_model is not None, "t5_cpu": t5_cpu, "t5_fsdp": t5_fsdp,
-                 "dit_fsdp": dit_fsdp, "use_prompt_extend": use_prompt_extend}
+                 "dit_fsdp": dit_fsdp, "use_prompt_extend": use_prompt_extend, "image": image is not None,
+                 "src_video": src_video is not None, "src_mask": src_mask is not None,
+                 "src_ref_images": src_ref_images is not None}
         for flag, why in _UNUSED_OFFICIAL_FLAGS.items():
             if given[flag]:
                 typer.echo(f"note: --{flag} is accepted for compatibility and ignored ({why})", err=True)
@@ -184,7 +219,11 @@ def generate(
         size_given = _given(ctx, "size") and engine
         w, h = parse_size(size)
         frames_given = frame_num if (not engine or _given(ctx, "frame_num")) else None
-        validate(None, frames_given or 81, sample_steps, sample_guide_scale, w * h, sample_solver)
+        if base_seed < -1 or base_seed >= 2**63:
+            raise CLIError(f"--base_seed must be -1 (random) or 0 .. 2**63-1, got {base_seed}")
+        validate(None, 81 if frames_given is None else frames_given, sample_steps, sample_guide_scale, w * h,
+                 sample_solver, sample_shift)
+        _check_device(device)
         if ckpt_dir is None and not engine:
             raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
         if (first_frame is None) != (last_frame is None):
@@ -215,8 +254,10 @@ def generate(
 
         def decide():  # rank 0 picks the seed and checks the output path; the others receive them
             seed = base_seed if base_seed >= 0 else random.randint(0, 2**63 - 1)
-            out = Path(save_file or f"flf2v-14B_{w}x{h}_{time.strftime('%Y%m%d_%H%M%S')}.mp4")
-            return seed, check_writable(out)
+            # no --save_file: the name (real size, seed, time) is made after the run, in the current folder
+            if save_frames:
+                check_frames_folder(save_frames)
+            return seed, check_writable(save_file if save_file else "default.mp4")
 
         with session(device) as run:
             seed, out = run.on_main(decide)
@@ -230,11 +271,14 @@ def generate(
                          max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
                          sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
-                         decode=run.is_main)  # only rank 0 decodes and writes
+                         decode=run.is_main, last_frame_fit=last_frame_fit)  # only rank 0 decodes and writes
             if run.is_main:
                 for note in video.notes:
                     typer.echo(f"note: {note}", err=True)
-                video.save(out)
+                out = video.save(out, exclusive=False) if save_file else video.save(video.default_name(task),
+                                                                                    exclusive=True)
+                if save_frames:
+                    typer.echo(f"frames: {video.save_frames(save_frames)}", err=True)
                 t = video.timings
                 mixed = ", ".join(f"{c}={b}" for c, b in video.backends.items())
                 typer.echo(f"backends: {mixed}", err=True)
@@ -243,16 +287,25 @@ def generate(
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
                            f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
                            f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
-    except typer.Exit:  # click's Exit is a RuntimeError: not an error here
-        raise
+    except (typer.Exit, KeyboardInterrupt):  # click's Exit is a RuntimeError: not an error here; Ctrl-C
+        raise  # must not reach _known_errors(), whose imports fail inside a half-imported torch
     except _known_errors() as e:
         _fail(e, debug)
 
 
-def _target(size: str, frame_num: int, batch: int, components: str):
-    """The engine target and the component list of `export` / `build`."""
+def _target(ckpt_dir: str, out: str, size: str | None, frame_num: int | None, batch: int, components: str):
+    """The engine target and the component list of `export` / `build`. Size and frame count default to
+    the official 1280*720 x 81, or to the built-in tiny models' own 64*64 x 17 (as `generate` does)."""
     from wanrt.export.specs import Target, check_components
+    from wanrt.models import tiny as tiny_models
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder for the engine dir (new, or one made by wanrt)")
+    builtin = tiny_models.is_builtin(ckpt_dir)
+    if size is None:
+        size = "{}*{}".format(*tiny_models.BUILTIN_SIZE) if builtin else "1280*720"
+    if frame_num is None:
+        frame_num = tiny_models.BUILTIN_FRAMES if builtin else 81
     w, h = parse_size(size)
     return Target(w, h, frame_num, batch), check_components(components)
 
@@ -268,8 +321,10 @@ def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], st
 
 # Options that `export` and `build` share (one target: exact size, frame count, components, DiT batch).
 CkptDirOpt = Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")]
-ExactSizeOpt = Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")]
-FrameNumOpt = Annotated[int, typer.Option("--frame_num", "--frame-num")]
+ExactSizeOpt = Annotated[str | None, typer.Option("--size", help="Video size W*H (exact; multiples of 16). "
+                                                  "Default 1280*720; the built-in tiny models: 64*64.")]
+FrameNumOpt = Annotated[int | None, typer.Option("--frame_num", "--frame-num", help="4n+1 frames. Default 81; "
+                                                 "the built-in tiny models: 17.")]
 ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
@@ -285,8 +340,8 @@ DEFAULT_COMPONENTS = "text_encoder,image_encoder,dit,vae"  # export.specs.COMPON
 def export(
     ckpt_dir: CkptDirOpt,
     out: Annotated[str, typer.Option("--out", help="Engine dir to write (manifest.json, onnx/).")],
-    size: ExactSizeOpt = "1280*720",
-    frame_num: FrameNumOpt = 81,
+    size: ExactSizeOpt = None,
+    frame_num: FrameNumOpt = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8.")] = "bf16",
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
@@ -298,12 +353,14 @@ def export(
     try:
         from wanrt.engine.exporter import export as run_export
 
-        target, parts = _target(size, frame_num, batch, components)
+        target, parts = _target(ckpt_dir, out, size, frame_num, batch, components)
         t0 = time.perf_counter()
         calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
                    calibration=calibration, graph_attention=graph_attention)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
+    except KeyboardInterrupt:
+        raise
     except _known_errors() as e:
         _fail(e, debug)
 
@@ -314,8 +371,8 @@ def build(
     ckpt_dir: CkptDirOpt,
     out: Annotated[str, typer.Option("--out", help="Engine dir (manifest.json, onnx/, engines/).")],
     backend: Annotated[str, typer.Option("--backend", help="tensorrt or aoti.")] = "tensorrt",
-    size: ExactSizeOpt = "1280*720",
-    frame_num: FrameNumOpt = 81,
+    size: ExactSizeOpt = None,
+    frame_num: FrameNumOpt = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt).")] = "bf16",
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
@@ -334,7 +391,7 @@ def build(
     try:
         from wanrt.engine import build as run_build
 
-        target, parts = _target(size, frame_num, batch, components)
+        target, parts = _target(ckpt_dir, out, size, frame_num, batch, components)
         t0 = time.perf_counter()
         options = {}
         if backend == "tensorrt":
@@ -347,6 +404,8 @@ def build(
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")
+    except KeyboardInterrupt:
+        raise
     except _known_errors() as e:
         _fail(e, debug)
 
@@ -379,8 +438,29 @@ def doctor(
         typer.echo(line)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def _version(value: bool) -> None:
+    if value:
+        from wanrt import __version__
+
+        typer.echo(f"wanrt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """wanrt: ahead-of-time compiled inference for Wan2.1 FLF2V-14B."""
+
+
+def main() -> None:
+    """The `wanrt` entry point. Ctrl-C at any moment exits 130 with one line and no traceback (typer turns
+    an interrupt inside a command into exit 130; this catches the rest, e.g. during start-up). Files are
+    written atomically, so nothing half-written stays behind."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

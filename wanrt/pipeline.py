@@ -7,6 +7,7 @@ the Backend seam (wanrt/runtime/backends.py); this file never knows which backen
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from wanrt.models.config import FLF2V_NEG_PROMPT, WanConfig
 from wanrt.runtime.backends import Backends
 from wanrt.schedulers import make_scheduler
-from wanrt.video import load_image, to_uint8_frames, write_mp4
+from wanrt.video import load_image, to_uint8_frames, write_frames, write_mp4
 
 FPS = 16
 
@@ -39,8 +40,19 @@ class Video:
     memory: dict[str, int] = field(default_factory=dict)  # peak bytes per stage (CUDA allocated, or RSS)
     backends: dict[str, str] = field(default_factory=dict)  # which backend ran each component
 
-    def save(self, path: str | Path) -> Path:
-        return write_mp4(self.frames, path, fps=self.fps)
+    def save(self, path: str | Path, exclusive: bool = False) -> Path:
+        """Write the video (container from the extension); exclusive: never replace an existing file
+        (a taken name gets a `_1`, `_2`... suffix). Returns the path written."""
+        return write_mp4(self.frames, path, fps=self.fps, exclusive=exclusive)
+
+    def save_frames(self, folder: str | Path) -> Path:
+        """Every frame as a lossless PNG in a new folder (frame_0000.png, ...)."""
+        return write_frames(self.frames, folder)
+
+    def default_name(self, task: str = "flf2v-14B") -> str:
+        """`flf2v-14B_{W}x{H}_{frames}f_{seed}_{time}.mp4`: the real size, never the requested area."""
+        f, h, w = self.frames.shape[:3]
+        return f"{task}_{w}x{h}_{f}f_seed{self.seed}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
 
 
 # --------------------------------------------------------------------------------- official helpers
@@ -70,10 +82,28 @@ def official_center_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return img[..., top:top + crop_h, left:left + crop_w]
 
 
+def fit_last_frame(first: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """wanrt's default for a last frame of another size than the first: center-crop it to the first
+    frame's aspect ratio, then resize it (bicubic) to the first frame's size; a note says so."""
+    (fh, fw), (lh, lw) = first.shape[-2:], last.shape[-2:]
+    if (fh, fw) == (lh, lw):
+        return last, None
+    if lw * fh > lh * fw:  # wider than the first frame: crop the sides
+        cw, ch = round(lh * fw / fh), lh
+    else:
+        cw, ch = lw, round(lw * fh / fw)
+    top, left = (lh - ch) // 2, (lw - cw) // 2
+    crop = last[..., top:top + ch, left:left + cw]
+    fitted = F.interpolate(crop[None].float(), size=(fh, fw), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+    note = (f"the last frame is {lw}x{lh}, the first {fw}x{fh}: the last was center-cropped to {cw}x{ch} and "
+            "resized to match (last_frame_fit='official' keeps the official code's cropping instead)")
+    return fitted, note
+
+
 def match_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """The official handling of a last frame whose size differs from the first: scale factor from the
-    sizes, then a center crop whose (W, H) list is read as (h, w) -- no actual resize. Kept as is for
-    parity; feed same-size frames to avoid it."""
+    sizes, then a center crop whose (W, H) list is read as (h, w) -- no actual resize, so the frame is
+    garbled (zero-padded, transposed extent). Only behind last_frame_fit='official', for parity tests."""
     (fh, fw), (lh, lw) = first.shape[-2:], last.shape[-2:]
     if (fh, fw) == (lh, lw):
         return last
@@ -124,8 +154,16 @@ def conditioning_video(first: torch.Tensor, last: torch.Tensor, frame_num: int, 
 
 
 def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_scale: float, max_area: int,
-             sample_solver: str) -> None:
-    """Request checks that need no model (cfg=None skips the model's RoPE limit)."""
+             sample_solver: str, sample_shift: float = 16.0, seed: int = 0) -> None:
+    """Request checks that need no model (cfg=None skips the model's RoPE limit). NaN or infinite
+    numbers are refused here: they would run to the end and give an all-black video."""
+    for name, value in (("guide scale", guide_scale), ("sample_shift", sample_shift)):
+        if not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")
+    if sample_shift <= 0:
+        raise InputError(f"sample_shift must be > 0 (the official default is 16; 5 for 480p), got {sample_shift}")
+    if not 0 <= seed < 2**63:
+        raise InputError(f"seed must be in 0 .. 2**63-1 (-1 on the CLI: random), got {seed}")
     if frame_num < 5 or (frame_num - 1) % 4:
         raise InputError(f"frame_num must be 4n+1 and at least 5 (e.g. 81), got {frame_num}")
     if sample_steps < 1:
@@ -139,6 +177,17 @@ def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_sca
     t_lat = (frame_num - 1) // 4 + 1
     if cfg is not None and t_lat > cfg.dit.rope_max_len:
         raise InputError(f"frame_num {frame_num} exceeds the model's RoPE table ({cfg.dit.rope_max_len} latent frames)")
+
+
+class NonFiniteError(RuntimeError):
+    """A model produced NaN or infinite values: the request is refused rather than saved as a black video."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """One device sync per request (not per step): refuse NaN/inf before anything is decoded or saved."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} holds NaN or infinite values: a checkpoint weight is probably NaN/inf "
+                             "(check it with `wanrt doctor --ckpt_dir DIR`), or fp16 overflowed (use --dtype bf16)")
 
 
 # --------------------------------------------------------------------------------------- pipeline
@@ -163,6 +212,11 @@ class FLF2VPipeline:
 
         attention_seam.check(attention)
         fused_seam.check(kernels)
+        wants = [f for f, on in ((f"attention {attention!r}", attention in ("flash", "sage")),
+                                 ("kernels 'triton'", kernels == "triton")) if on]
+        why = attention_seam.triton_unavailable(torch.device(device)) if wants else None
+        if why:
+            raise InputError(f"{' and '.join(wants)} asked for, but {why}; use attention 'sdpa' and kernels 'torch'")
         self.attention, self.kernels = attention, kernels  # kernel choice for eager model code
         self.target = target  # an engine's fixed (width, height, frame_num, batch), or None
         self.defaults = (81, 1280 * 720)  # frame_num and max_area when a request gives none (official)
@@ -266,19 +320,28 @@ class FLF2VPipeline:
     def generate(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
                  max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
-                 seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None
-                 ) -> Video:
+                 seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None,
+                 last_frame_fit: str = "resize") -> Video:
         """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's; the built-in
         tiny models: 64*64, 17).
         decode=False skips the VAE decode (multi-process runs decode on rank 0 only); `cancel`, when
-        set, stops the request between two denoising steps (raises runtime.step.Cancelled)."""
+        set, stops the request between two denoising steps (raises runtime.step.Cancelled).
+        last_frame_fit: a last frame of another size than the first is 'resize'd to it (center crop to
+        the aspect ratio, then bicubic; default, with a note) or handled as the 'official' code does."""
         notes: list[str] = []
         frame_num, max_area = self._resolve_target(frame_num, max_area)
-        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver)
+        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver, sample_shift, seed)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
+        if last_frame_fit not in ("resize", "official"):
+            raise InputError(f"last_frame_fit must be 'resize' or 'official', got {last_frame_fit!r}")
         first, last = load_image(first_frame), load_image(last_frame)
-        last = match_last_frame(first, last)
+        if last_frame_fit == "official":
+            last = match_last_frame(first, last)
+        else:
+            last, note = fit_last_frame(first, last)
+            if note:
+                notes.append(note)
         if self.target is not None:
             first, last, note = crop_to_aspect(first, last, self.target.width, self.target.height)
             if note:
@@ -321,6 +384,7 @@ class FLF2VPipeline:
                                   sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
                                   progress=progress, cancel=cancel)
         timings["denoise"] = time.perf_counter() - t0
+        check_finite(latent, "the denoised latent")
 
         if not decode:  # multi-process runs: rank 0 decodes, the others return no frames
             timings["total"] = time.perf_counter() - t_start
@@ -329,14 +393,16 @@ class FLF2VPipeline:
         with stage("vae_decode"):
             video = self.vae_decode(latent)[0]  # (3, F, H, W)
         timings["vae_decode"] = time.perf_counter() - t0
+        check_finite(video, "the decoded video")
         frames = to_uint8_frames(video)
         timings["total"] = time.perf_counter() - t_start
         return Video(frames=frames, fps=FPS, timings=timings, seed=seed, notes=notes, memory=dict(self.memory.peaks),
                      backends=dict(self.backends.names))
 
     def _resolve_target(self, frame_num: int | None, max_area: int | None) -> tuple[int, int]:
-        if self.target is None:
-            return frame_num or self.defaults[0], max_area or self.defaults[1]
+        if self.target is None:  # None means "not given"; 0 is a value (refused by validate)
+            return (self.defaults[0] if frame_num is None else frame_num,
+                    self.defaults[1] if max_area is None else max_area)
         t = self.target
         if frame_num is not None and frame_num != t.frame_num:
             raise InputError(f"the engine was built for {t.frame_num} frames; frame_num {frame_num} contradicts it "

@@ -7,6 +7,7 @@ failed or interrupted write never leaves a half-written video behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wanrt._files import as_if_opened
+from wanrt._files import as_if_opened, umask
 
 
 class MediaError(Exception):
@@ -58,40 +59,78 @@ def load_image(image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail early (before any model work) if the output cannot be created."""
+VIDEO_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # extension -> PyAV format
+
+
+def check_writable(path: str | Path, kind: str = "video") -> Path:
+    """Fail early (before any model work) if the output cannot be written; returns the path to write.
+
+    A symlink is followed (its target is written, the link stays); anything at the target that is not a
+    regular file (a device such as /dev/full, a FIFO, a socket) is refused: it would be replaced by the
+    atomic rename. A video path must end in a container wanrt writes (VIDEO_CONTAINERS)."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    _writable_folder(path.parent if str(path.parent) else Path("."))
+    if path.is_dir():
+        raise MediaError(f"output path {path} is a folder")
+    if path.exists() and not path.is_file():
+        raise MediaError(f"output path {path} is not a regular file (a device, FIFO or socket); give a file path")
+    if kind == "video" and path.suffix.lower() not in VIDEO_CONTAINERS:
+        raise MediaError(f"output path {path} must end in {', '.join(VIDEO_CONTAINERS)} (a video container); "
+                         "for lossless PNG frames use --save_frames DIR")
+    return path
+
+
+def _writable_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise MediaError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise MediaError(f"output folder {folder} is not writable")
-    if path.is_dir():
-        raise MediaError(f"output path {path} is a folder")
-    return path
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18) -> Path:
-    """(F, H, W, 3) uint8 -> H.264 yuv420p mp4. Odd sizes are padded by one edge pixel (yuv420p needs
-    even sizes). Written to a temporary file in the same folder, then renamed.
+def _place(tmp: str, path: Path, exclusive: bool) -> Path:
+    """Rename a finished temporary file into place. exclusive: never replace an existing file; a taken
+    name gets the first free `_1`, `_2`, ... suffix instead (two runs never share a default name)."""
+    as_if_opened(tmp)
+    if not exclusive:
+        os.replace(tmp, path)
+        return path
+    for i in range(10_000):
+        candidate = path if i == 0 else path.with_name(f"{path.stem}_{i}{path.suffix}")
+        try:
+            os.link(tmp, candidate)  # atomic and fails if the name exists, unlike rename
+        except FileExistsError:
+            continue
+        os.unlink(tmp)
+        return candidate
+    raise MediaError(f"no free file name next to {path}")
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18, exclusive: bool = False) -> Path:
+    """(F, H, W, 3) uint8 -> H.264 yuv420p video, container from the extension (mp4, mov, mkv). Odd
+    sizes are padded by one edge pixel (yuv420p needs even sizes). Written to a temporary file in the
+    same folder, then renamed.
 
     The encoder runs in a fresh thread: x264's decisions use floating point, and a thread that has run
     PyTorch's CPU kernels can carry another floating-point state (denormal handling), which made the
     same frames encode to different files depending on what the process computed before (measured:
     mean |delta| up to 1 of 255 after decoding). From a fresh thread the same frames always give the
-    same file, so a fixed seed reproduces the video byte for byte."""
+    same file, so a fixed seed reproduces the video byte for byte. exclusive: see `_place`; returns
+    the path written."""
     path = check_writable(path)
+    container = VIDEO_CONTAINERS[path.suffix.lower()]
     f, h, w, _ = frames.shape
     ph, pw = h + (h % 2), w + (w % 2)
     if (ph, pw) != (h, w):
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mp4", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     failure: list[BaseException] = []
 
     def encode() -> None:
         try:
-            _encode_h264(frames, tmp, fps, crf)
+            _encode_h264(frames, tmp, fps, crf, container)
         except BaseException as e:  # handed to the caller's thread
             failure.append(e)
 
@@ -101,18 +140,16 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18
         worker.join()
         if failure:
             raise failure[0]
-        as_if_opened(tmp)
-        os.replace(tmp, path)
+        return _place(tmp, path, exclusive)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
-def _encode_h264(frames: np.ndarray, path: str, fps: int, crf: int) -> None:
+def _encode_h264(frames: np.ndarray, path: str, fps: int, crf: int, fmt: str = "mp4") -> None:
     import av
 
-    with av.open(path, mode="w", format="mp4") as container:
+    with av.open(path, mode="w", format=fmt) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -135,14 +172,41 @@ def read_mp4(path: str | Path) -> np.ndarray:
 def write_png(frame: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
 
-    path = check_writable(path)
+    path = check_writable(path, kind="image")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         Image.fromarray(frame).save(tmp, format="PNG")
-        as_if_opened(tmp)
-        os.replace(tmp, path)
+        return _place(tmp, path, exclusive=False)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def check_frames_folder(folder: str | Path) -> Path:
+    """A folder for `write_frames`: new or empty, in a writable parent."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise MediaError(f"frames folder {folder} must be new or empty; give another --save_frames folder")
+    _writable_folder(folder.parent if str(folder.parent) else Path("."))
+    return folder
+
+
+def write_frames(frames: np.ndarray, folder: str | Path) -> Path:
+    """Every frame as a lossless PNG (frame_0000.png, ...) in `folder` (created; must not hold frames
+    already), for exact comparisons that mp4's lossy coding would blur. All or nothing: the frames are
+    written to a temporary folder beside it and renamed into place."""
+    folder = check_frames_folder(folder)
+    parent = folder.parent if str(folder.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    try:
+        for i, frame in enumerate(frames):
+            write_png(frame, tmp / f"frame_{i:04d}.png")
+        os.chmod(tmp, 0o777 & ~umask())
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

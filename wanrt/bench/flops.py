@@ -85,7 +85,7 @@ def clip_flops(config: WanConfig | CLIPConfig, images: int = IMAGE_FRAMES) -> in
     c = config.clip if isinstance(config, WanConfig) else config
     n, dim = c.num_tokens, c.dim
     patches = 2 * (n - 1) * 3 * c.patch_size**2 * dim
-    per_layer = 2 * n * (4 * dim * dim + 2 * dim * dim * c.mlp_ratio) + 4 * n * n * dim
+    per_layer = 2 * n * (4 * dim * dim + 2 * dim * c.mlp_dim) + 4 * n * n * dim
     return images * (patches + (c.num_layers - 1) * per_layer)
 
 

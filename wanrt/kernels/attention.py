@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -78,6 +79,18 @@ def check(name: str) -> None:
     _load_optional()
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention implementation {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why our Triton kernels cannot run on `device` (None: they can). On the CPU they run only under
+    Triton's interpreter (TRITON_INTERPRET=1 before triton is imported); elsewhere the ops would take
+    their torch reference path, which a user asking for a kernel must hear about, not get silently."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
+            f"this pipeline runs on {device.type}")
 
 
 _optional_loaded = False

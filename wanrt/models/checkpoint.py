@@ -109,6 +109,8 @@ def open_weights(path: Path) -> Weights:
         return Weights(entries, str(path))
     if not path.is_file():
         raise CheckpointError(f"missing file {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): its download or copy was cut off; fetch the file again")
     if path.suffix == ".safetensors":
         return _open_safetensors(path)
     try:

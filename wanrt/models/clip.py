@@ -18,7 +18,7 @@ from .config import CLIPConfig
 
 def hf_config(cfg: CLIPConfig, num_layers: int) -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=cfg.dim, intermediate_size=cfg.dim * cfg.mlp_ratio, num_hidden_layers=num_layers,
+        hidden_size=cfg.dim, intermediate_size=cfg.mlp_dim, num_hidden_layers=num_layers,
         num_attention_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
         hidden_act="gelu", layer_norm_eps=cfg.eps, num_channels=3,
     )

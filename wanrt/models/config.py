@@ -104,12 +104,17 @@ class CLIPConfig:
     image_size: int = 224
     patch_size: int = 14
     dim: int = 1280
-    mlp_ratio: int = 4
+    mlp_dim: int | None = None  # the MLP's hidden width (ViT-H/14: 5120); None: 4 * dim. Read from the
+    # checkpoint, any value (diffusers' intermediate_size need not be a multiple of hidden_size)
     num_heads: int = 16
     num_layers: int = 32  # the checkpoint's depth; features come from layer num_layers - 1
     eps: float = 1e-5
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        if self.mlp_dim is None:
+            object.__setattr__(self, "mlp_dim", 4 * self.dim)
 
     @property
     def num_tokens(self) -> int:

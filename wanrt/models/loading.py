@@ -220,7 +220,7 @@ class _Official:
         tokens = w.shape("visual.pos_embedding")[1]
         grid = math.isqrt(tokens - 1)
         return CLIPConfig(image_size=grid * patch, patch_size=patch, dim=dim,
-                          mlp_ratio=w.shape("visual.transformer.0.mlp.0.weight")[0] // dim,
+                          mlp_dim=w.shape("visual.transformer.0.mlp.0.weight")[0],
                           num_heads=dim // CLIP_HEAD_DIM, num_layers=w.count("visual.transformer."))
 
 
@@ -357,6 +357,6 @@ class _Diffusers:
         c = self._cfg("image_encoder")
         c = c.get("vision_config", c)
         return CLIPConfig(image_size=c["image_size"], patch_size=c["patch_size"], dim=c["hidden_size"],
-                          mlp_ratio=c["intermediate_size"] // c["hidden_size"], num_heads=c["num_attention_heads"],
+                          mlp_dim=c["intermediate_size"], num_heads=c["num_attention_heads"],
                           num_layers=c["num_hidden_layers"], eps=c.get("layer_norm_eps", 1e-5))
 
