@@ -420,6 +420,42 @@ def _register_bench() -> None:
 _register_bench()
 
 
+@app.command(help="Serve one loaded pipeline over HTTP: GET /health, POST /generate (JSON in, video/mp4 out). "
+                  "Needs the `serve` extra (pip install 'wanrt[serve]').")
+def serve(
+    ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint folder or 'tiny'.")]
+    = None,
+    backend: Annotated[str, typer.Option("--backend", help="eager, onnxruntime, aoti or tensorrt.")] = "eager",
+    engine_dir: Annotated[str | None, typer.Option("--engine_dir", "--engine-dir",
+                                                   help="Engine dir for a compiled backend.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    max_body_mb: Annotated[float, typer.Option("--max_body_mb", help="Larger request bodies get 413 unread.")] = 64.0,
+    max_queue: Annotated[int, typer.Option("--max_queue", help="Requests queued or running at once; more get "
+                                           "503.")] = 4,
+    debug: DebugOpt = False,
+) -> None:
+    try:
+        try:
+            from wanrt.serve import serve as run_server
+        except ImportError as e:
+            raise CLIError(f"wanrt serve needs FastAPI and uvicorn ({e.name} is missing): "
+                           "pip install 'wanrt[serve]'") from None
+        from wanrt.pipeline import FLF2VPipeline
+
+        _check_device(device)
+        if backend == "eager" and ckpt_dir is None:
+            raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
+        pipe = FLF2VPipeline.from_pretrained(ckpt_dir, device=device, backend=backend, engine_dir=engine_dir)
+        typer.echo(f"serving on http://{host}:{port} (Ctrl-C to stop)", err=True)
+        run_server(pipe, host, port, max_body_mb=max_body_mb, max_queue=max_queue)
+    except KeyboardInterrupt:
+        raise
+    except _known_errors() as e:
+        _fail(e, debug)
+
+
 @app.command(help="Show which backends are usable on this machine, and why the others are not; "
                   "--verify ENGINE_DIR re-hashes an engine dir's files and checks its manifest.")
 def doctor(

@@ -7,6 +7,7 @@ the run used, so fp32 and bf16 rows are comparable on one scale. CPUs have no en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -51,6 +52,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa() -> str:
+    """The CPU features that decide which kernels PyTorch and ONNX Runtime run (the same bench gives other
+    ratios on an AVX2-only Xeon than on an AVX-512-BF16 EPYC), and torch's own dispatch level."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in ISA_FLAGS if f in flags]
+    with contextlib.suppress(AttributeError):  # older torch
+        have.append(f"torch:{torch.backends.cpu.get_cpu_capability()}")
+    return " ".join(have) or platform.machine()
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     type: str  # "cpu" | "cuda"
@@ -59,15 +81,18 @@ class DeviceInfo:
     peak_bf16_tflops: float | None
     threads: int  # torch intra-op threads (CPU work, and host work on a GPU run)
     memory_bytes: int | None  # total device memory (CUDA); None on the CPU
+    isa: str = ""  # the host CPU's vector/matrix features (cpu_isa())
 
     @property
     def label(self) -> str:
-        return f"cuda:{self.index} {self.name}" if self.type == "cuda" else f"cpu ({self.name}, {self.threads} threads)"
+        if self.type == "cuda":
+            return f"cuda:{self.index} {self.name}"
+        return f"cpu ({self.name}, {self.threads} threads, {self.isa})"
 
     def to_dict(self) -> dict:
         return {"type": self.type, "name": self.name, "index": self.index, "label": self.label,
                 "peak_bf16_tflops": self.peak_bf16_tflops, "threads": self.threads,
-                "memory_bytes": self.memory_bytes}
+                "memory_bytes": self.memory_bytes, "isa": self.isa}
 
 
 def describe(device: torch.device) -> DeviceInfo:
@@ -75,8 +100,8 @@ def describe(device: torch.device) -> DeviceInfo:
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         return DeviceInfo("cuda", props.name, index, peak_tflops(props.name), torch.get_num_threads(),
-                          props.total_memory)
-    return DeviceInfo("cpu", cpu_name(), None, None, torch.get_num_threads(), None)
+                          props.total_memory, cpu_isa())
+    return DeviceInfo("cpu", cpu_name(), None, None, torch.get_num_threads(), None, cpu_isa())
 
 
 def versions() -> dict[str, str]:
