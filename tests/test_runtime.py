@@ -1,14 +1,9 @@
 """The runtime: every backend behind one seam, static step buffers, the service behaviour (threads,
-cancellation, failure isolation), memory policies, and an HTTP service over loopback. CPU, tiny."""
+cancellation, failure isolation) and memory policies. CPU, tiny. (The HTTP service: test_serve.py.)"""
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -169,50 +164,6 @@ def test_memory_policies_same_video_and_peaks(eager, tiny_official, mode):
         assert plan["dit"] == pipe.device and plan["text_encoder"] == plan["vae"] == torch.device("cpu")
     else:
         assert pipe.memory.input_device("text_encoder") == torch.device("cpu")
-
-
-def test_http_service_concurrent_requests(eager):
-    from examples.service import serve
-    from wanrt.video import read_mp4
-
-    server = serve(eager, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        def post(body, timeout=120):
-            req = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(),
-                                         {"content-type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    return r.status, r.read()
-            except urllib.error.HTTPError as e:
-                return e.code, e.read()
-
-        a, _ = _frames()
-        buf = io.BytesIO()
-        a.save(buf, format="PNG")
-        png = base64.b64encode(buf.getvalue()).decode()
-        bodies = [{"prompt": f"p{i}", "sample_steps": 2, "seed": i, "frame_num": 5, "max_area": 64 * 48,
-                   **({"first_frame": png, "last_frame": png} if i % 2 else {})} for i in range(3)]
-        out = [None] * 3
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, post(bodies[i]))) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        for status, data in out:
-            assert status == 200
-            path = f"/tmp/wanrt-service-test-{threading.get_ident()}.mp4"
-            with open(path, "wb") as f:
-                f.write(data)
-            assert read_mp4(path).shape == (5, 48, 64, 3)
-        status, data = post({"prompt": "x", "frame_num": 8})
-        assert status == 400 and "frame_num" in json.loads(data)["error"]
-        status, data = post({"prompt": "x", "frame_num": 5, "max_area": 64 * 48, "sample_steps": 2})
-        assert status == 200  # served after the bad one
-        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-            assert json.loads(r.read())["ok"]
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.gpu

@@ -59,6 +59,26 @@ def test_generate_answers_the_same_mp4_as_the_pipeline(client, pipe, tmp_path):
     assert direct.save(tmp_path / "v.mp4").read_bytes() == r1.content
 
 
+def test_concurrent_requests_are_all_served(client):
+    from wanrt.video import read_mp4
+
+    bodies = [SMALL | {"seed": i, **({"first_frame": _png(i), "last_frame": _png(i + 1)} if i % 2 else {})}
+              for i in range(2)]  # max_queue=2: both fit
+    out = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, client.post("/generate", json=bodies[i])))
+               for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, r in enumerate(out):
+        assert r.status_code == 200, r.text
+        path = Path(f"/tmp/wanrt-serve-test-{os.getpid()}-{i}.mp4")
+        path.write_bytes(r.content)
+        assert read_mp4(path).shape[0] == 5
+        path.unlink()
+
+
 @pytest.mark.parametrize("body, field", [
     ({"sample_steps": "2"}, "sample_steps"),  # wrong type
     ({"steps": 2}, "steps"),  # a typo: unknown keys are refused, not ignored
