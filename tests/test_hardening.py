@@ -131,8 +131,13 @@ def test_a_nan_weight_fails_the_request_instead_of_a_black_video(tiny_official, 
     save_file(sd, dit_file)
     pipe = FLF2VPipeline.from_pretrained(ckpt, device="cpu")
     frame = np.full((32, 32, 3), 128, np.uint8)
-    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+    with pytest.raises(NonFiniteError, match="NaN or infinite.*wanrt doctor --ckpt_dir"):
         pipe(frame, frame, "x", frame_num=5, max_area=32 * 32, sample_steps=1, progress=False)
+    r = _cli("doctor", "--ckpt_dir", str(ckpt))  # the command the error names finds the weight
+    assert r.returncode == 1 and "non-finite: dit: head.head.weight" in r.stdout, r.stdout + r.stderr
+    assert "FAIL: 1 of" in r.stdout
+    r = _cli("doctor", "--ckpt_dir", str(tiny_official))
+    assert r.returncode == 0 and "ok: 0 of" in r.stdout, r.stdout + r.stderr
 
 
 # -------------------------------------------------------------------------------------- other defects

@@ -457,11 +457,23 @@ def serve(
 
 
 @app.command(help="Show which backends are usable on this machine, and why the others are not; "
-                  "--verify ENGINE_DIR re-hashes an engine dir's files and checks its manifest.")
+                  "--verify ENGINE_DIR re-hashes an engine dir's files and checks its manifest; --ckpt_dir DIR "
+                  "reads every weight of a checkpoint and names any that holds NaN or inf.")
 def doctor(
     verify: Annotated[str | None, typer.Option("--verify", help="Engine dir to check in full.")] = None,
+    ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint to scan for "
+                                                 "non-finite weights.")] = None,
 ) -> None:
     from wanrt.doctor import report
+
+    if ckpt_dir is not None:
+        from wanrt.models.loading import nonfinite_weights
+
+        checked, bad = nonfinite_weights(ckpt_dir)
+        for key in bad:
+            typer.echo(f"non-finite: {key}")
+        typer.echo(f"{'FAIL' if bad else 'ok'}: {len(bad)} of {checked} tensors of {ckpt_dir} hold NaN or inf")
+        raise typer.Exit(1 if bad else 0)
 
     if verify is not None:
         from wanrt.doctor import verify as verify_dir
