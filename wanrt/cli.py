@@ -365,9 +365,21 @@ _register_bench()
                   "--verify ENGINE_DIR re-hashes an engine dir's files and checks its manifest.")
 def doctor(
     verify: Annotated[str | None, typer.Option("--verify", help="Engine dir to check in full.")] = None,
+    compare: Annotated[str | None, typer.Option("--compare", help="Engine dir whose TensorRT engines to "
+                                                "compare with ONNX Runtime (polygraphy).")] = None,
 ) -> None:
     from wanrt.doctor import report
 
+    if compare is not None:
+        from wanrt.doctor import compare as compare_dir
+
+        try:
+            lines = compare_dir(compare)
+        except _known_errors() as e:
+            _fail(e, False)
+        for line in lines:
+            typer.echo(line)
+        raise typer.Exit(0 if lines[0].startswith("ok") else 1)
     if verify is not None:
         from wanrt.doctor import verify as verify_dir
 

@@ -145,6 +145,7 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
     check_network(network, spec)
     cache_bytes = timing_cache_path.read_bytes() if timing_cache_path and timing_cache_path.is_file() else None
     config, cache = configure(trt, builder, network, settings, cache_bytes)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer inspection below names tactics
     t0 = time.perf_counter()
     log(f"{spec.name}: building the TensorRT plan (optimisation level {settings.optimization_level})")
     plan = builder.build_serialized_network(network, config)
@@ -155,8 +156,13 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
     if timing_cache_path is not None:
         _write_atomic(timing_cache_path, memoryview(cache.serialize()))
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    from .compare import inspect_plan
+
+    layers = inspect_plan(trt, plan)  # fused attention and FP8 kernels present? recorded in the manifest
+    log(f"{spec.name}: {layers['layers']} layers, {layers['fused_attention']} fused attention, "
+        f"{layers['fp8']} FP8")
     return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
-            "build_seconds": round(seconds, 1), "plan_bytes": plan_path.stat().st_size}
+            "build_seconds": round(seconds, 1), "plan_bytes": plan_path.stat().st_size, "layers": layers}
 
 
 def _write_atomic(path: Path, data) -> None:
