@@ -468,3 +468,21 @@ def test_compare_without_tensorrt_is_one_line(tmp_path):
     _engine_dir(tmp_path)
     r = CliRunner().invoke(app, ["doctor", "--compare", str(tmp_path)])
     assert r.exit_code == 1 and "no TensorRT engines to compare" in r.output
+
+
+@pytest.mark.skipif(_has_tensorrt(), reason="checks the message where TensorRT is absent")
+def test_plugin_graph_without_tensorrt_is_one_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from wanrt.engine.tensorrt import TensorRTUnavailable, register_our_plugins
+
+    x = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 1, 4]) for n in "qkv"]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 1, 4])
+    node = helper.make_node("FlashAttention", ["q", "k", "v"], ["out"], domain="wanrt")
+    model = helper.make_model(helper.make_graph([node], "g", x, [out]),
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("wanrt", 1)])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(TensorRTUnavailable, match="uses our attention plugins, which cannot be registered"):
+        register_our_plugins(path)

@@ -274,10 +274,12 @@ ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separate
 BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
 DebugOpt = Annotated[bool, typer.Option("--debug")]
-GraphAttentionOpt = Annotated[str, typer.Option(
-    "--graph_attention", "--graph-attention",
-    help="How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, any "
-         "TensorRT >= 10.12) or onnx (the opset-23 Attention op, TensorRT >= 10.14).")]
+_GRAPH_ATTENTION_HELP = ("How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, "
+                         "TensorRT >= 10.12), onnx (the opset-23 Attention op, TensorRT >= 10.14), or flash|sage "
+                         "(our Triton kernels as custom nodes, run as TensorRT plugins).")
+GraphAttentionOpt = Annotated[str, typer.Option("--graph_attention", "--graph-attention", help=_GRAPH_ATTENTION_HELP)]
+ExportAttentionOpt = Annotated[str, typer.Option("--graph_attention", "--graph-attention", "--attention",
+                                                 help=_GRAPH_ATTENTION_HELP)]
 DEFAULT_COMPONENTS = "text_encoder,image_encoder,dit,vae"  # export.specs.COMPONENTS (not imported: torch)
 
 
@@ -291,7 +293,7 @@ def export(
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     calib_steps: CalibStepsOpt = 4,
-    graph_attention: GraphAttentionOpt = "matmul",
+    graph_attention: ExportAttentionOpt = "matmul",
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -320,7 +322,8 @@ def build(
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     device: Annotated[str | None, typer.Option("--device", help="aoti: cpu or cuda (default: cuda if any).")] = None,
-    attention: Annotated[str, typer.Option("--attention", help="aoti: sdpa or flash (Triton).")] = "sdpa",
+    attention: Annotated[str, typer.Option("--attention", help="aoti: sdpa or flash (Triton); tensorrt: flash "
+                                           "or sage export our kernels as plugins.")] = "sdpa",
     workspace_gb: Annotated[float, typer.Option("--workspace_gb", help="tensorrt builder workspace.")] = 8.0,
     opt_level: Annotated[int, typer.Option("--opt_level", help="tensorrt builder optimisation level 0-5.")] = 3,
     strip_weights: Annotated[bool, typer.Option("--strip_weights", help="tensorrt: weight-stripped plans, "
@@ -343,6 +346,8 @@ def build(
             require()  # one clear line before any export work when TensorRT is absent
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights,
                            tf32=tf32, graph_attention=graph_attention)
+            if attention in ("flash", "sage") and graph_attention == "matmul":  # our kernels, as plugins
+                options["graph_attention"] = attention
             _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)

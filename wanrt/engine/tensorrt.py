@@ -26,6 +26,20 @@ class TensorRTUnavailable(ImportError):
     pass
 
 
+def register_our_plugins(onnx_path: Path) -> None:
+    """Register our Triton plugins when the graph has wanrt custom nodes (--graph_attention flash|sage);
+    one line when they cannot be (no tensorrt.plugin, no triton, an old TensorRT)."""
+    if not uses_plugins(onnx_path):
+        return
+    try:
+        from wanrt.kernels.trt_plugins import register_plugins
+
+        register_plugins()
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError of an old tensorrt.plugin, ...
+        raise TensorRTUnavailable(f"{onnx_path.name} uses our attention plugins, which cannot be registered here "
+                                  f"({type(e).__name__}: {e}); re-export with --graph_attention matmul") from None
+
+
 def require():
     """Import tensorrt or fail with one line that says what to do."""
     try:
@@ -132,10 +146,7 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
     trt = require()
     import torch
 
-    if uses_plugins(onnx_path):
-        from wanrt.kernels.trt_plugins import register_plugins
-
-        register_plugins()
+    register_our_plugins(onnx_path)
     builder = trt.Builder(logger(trt))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger(trt))
@@ -239,10 +250,8 @@ class TRTGraph(ContractGraph):
                  stripped: bool = False, trt=None):
         super().__init__(spec, device)
         trt = trt or require()
-        if onnx_path is not None and uses_plugins(onnx_path):
-            from wanrt.kernels.trt_plugins import register_plugins
-
-            register_plugins()
+        if onnx_path is not None:
+            register_our_plugins(Path(onnx_path))
         runtime = trt.Runtime(logger(trt))
         plan = read_plan(plan_path)
         try:
