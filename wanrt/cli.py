@@ -257,13 +257,14 @@ def _target(size: str, frame_num: int, batch: int, components: str):
     return Target(w, h, frame_num, batch), check_components(components)
 
 
-def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int) -> dict | None:
+def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int,
+                     attention: bool = False) -> dict | None:
     """fp8 DiT exports need activation scales from a few real denoising steps (stored in the engine dir)."""
     if precision != "fp8" or "dit" not in parts:
         return None
     from wanrt.calibration import calibrate_to
 
-    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo)
+    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo, attention=attention)
 
 
 # Options that `export` and `build` share (one target: exact size, frame count, components, DiT batch).
@@ -277,6 +278,8 @@ DebugOpt = Annotated[bool, typer.Option("--debug")]
 _GRAPH_ATTENTION_HELP = ("How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, "
                          "TensorRT >= 10.12), onnx (the opset-23 Attention op, TensorRT >= 10.14), or flash|sage "
                          "(our Triton kernels as custom nodes, run as TensorRT plugins).")
+Fp8AttentionOpt = Annotated[bool, typer.Option("--fp8_attention", "--fp8-attention",
+                                               help="fp8: also FP8 Q/DQ around the DiT's attention (ModelOpt style).")]
 GraphAttentionOpt = Annotated[str, typer.Option("--graph_attention", "--graph-attention", help=_GRAPH_ATTENTION_HELP)]
 ExportAttentionOpt = Annotated[str, typer.Option("--graph_attention", "--graph-attention", "--attention",
                                                  help=_GRAPH_ATTENTION_HELP)]
@@ -294,6 +297,7 @@ def export(
     batch: BatchOpt = 2,
     calib_steps: CalibStepsOpt = 4,
     graph_attention: ExportAttentionOpt = "matmul",
+    fp8_attention: Fp8AttentionOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -302,9 +306,9 @@ def export(
 
         target, parts = _target(size, frame_num, batch, components)
         t0 = time.perf_counter()
-        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
+        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps, fp8_attention)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
-                   calibration=calibration, graph_attention=graph_attention)
+                   calibration=calibration, graph_attention=graph_attention, fp8_attention=fp8_attention)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
     except _known_errors() as e:
         _fail(e, debug)
@@ -331,6 +335,7 @@ def build(
     tf32: Annotated[bool, typer.Option("--tf32", help="tensorrt: allow TF32 in the fp32 graphs (VAE).")] = False,
     calib_steps: CalibStepsOpt = 4,
     graph_attention: GraphAttentionOpt = "matmul",
+    fp8_attention: Fp8AttentionOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -345,10 +350,11 @@ def build(
 
             require()  # one clear line before any export work when TensorRT is absent
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights,
-                           tf32=tf32, graph_attention=graph_attention)
+                           tf32=tf32, graph_attention=graph_attention, fp8_attention=fp8_attention)
             if attention in ("flash", "sage") and graph_attention == "matmul":  # our kernels, as plugins
                 options["graph_attention"] = attention
-            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
+            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps,  # stored in the engine dir
+                             fp8_attention)
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")
