@@ -486,3 +486,25 @@ def test_plugin_graph_without_tensorrt_is_one_line(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(TensorRTUnavailable, match="uses our attention plugins, which cannot be registered"):
         register_our_plugins(path)
+
+
+def test_trt_network_dtypes_checked_at_build():
+    from wanrt.engine.tensorrt import check_network
+
+    trt = fake_trt(CACHE_IO, cache_fn)
+
+    class Net:
+        def __init__(self, dtype):
+            self.io = [types.SimpleNamespace(name=n, shape=s, dtype=dtype if n == "frames" else d)
+                       for n, _, s, d in CACHE_IO]
+            self.num_inputs, self.num_outputs = 2, 2
+
+        def get_input(self, i):
+            return self.io[i]
+
+        def get_output(self, i):
+            return self.io[2 + i]
+
+    check_network(Net("FLOAT"), CACHE_SPEC, trt)
+    with pytest.raises(ValueError, match="frames: BF16 \\(spec FLOAT\\)"):
+        check_network(Net("BF16"), CACHE_SPEC, trt)

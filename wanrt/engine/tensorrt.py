@@ -104,8 +104,9 @@ def builder_flags(trt, settings: BuildSettings) -> list:
     return flags
 
 
-def check_network(network, spec: GraphSpec) -> None:
-    """The parsed network must have exactly the spec's static inputs and outputs."""
+def check_network(network, spec: GraphSpec, trt=None) -> None:
+    """The parsed network must have exactly the spec's static inputs and outputs (and, given the tensorrt
+    module, the spec's dtypes)."""
     got_in = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     got_out = {network.get_output(i).name: tuple(network.get_output(i).shape) for i in range(network.num_outputs)}
     want_in = {t.name: t.shape for t in spec.inputs}
@@ -113,6 +114,14 @@ def check_network(network, spec: GraphSpec) -> None:
     if got_in != want_in or got_out != want_out:
         raise ValueError(f"{spec.name}: the ONNX network's I/O {got_in} -> {got_out} does not match the spec "
                          f"{want_in} -> {want_out}; re-export it")
+    if trt is not None:
+        tensors = [network.get_input(i) for i in range(network.num_inputs)]
+        tensors += [network.get_output(i) for i in range(network.num_outputs)]
+        want = {t.name: getattr(trt.DataType, TRT_DTYPES[t.dtype]) for t in (*spec.inputs, *spec.outputs)}
+        bad = [f"{t.name}: {t.dtype} (spec {want[t.name]})" for t in tensors if t.dtype != want[t.name]]
+        if bad:
+            raise ValueError(f"{spec.name}: the ONNX network's I/O dtypes differ from the spec ({'; '.join(bad)}); "
+                             "re-export it")
 
 
 def configure(trt, builder, network, settings: BuildSettings, timing_cache: bytes | None):
@@ -153,7 +162,7 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
     if not parser.parse_from_file(str(onnx_path)):  # reads <file>.data external weights itself
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
-    check_network(network, spec)
+    check_network(network, spec, trt)
     cache_bytes = timing_cache_path.read_bytes() if timing_cache_path and timing_cache_path.is_file() else None
     config, cache = configure(trt, builder, network, settings, cache_bytes)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer inspection below names tactics
