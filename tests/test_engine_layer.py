@@ -420,3 +420,91 @@ def test_fp8_recipe_keeps_nvidias_edge_blocks_bf16():
     kept = recipe_linears(dit)
     assert {int(n.split(".")[1]) for n in kept} == {3, 4}
     assert len(kept) == len(every) * 2 // 8 and recipe_linears(dit, "all") == every
+
+
+# -- polygraphy / engine inspection --------------------------------------------------------------------
+
+
+def test_layer_summary_counts_fused_attention_and_fp8():
+    import json
+
+    from wanrt.engine.compare import summarize_layers
+
+    detailed = {"Layers": [
+        {"Name": "patch_embedding", "LayerType": "CaskConvolution", "TacticName": "sm90_xmma_conv_bf16"},
+        {"Name": "blocks.0.self_attn/MatMul+Softmax+MatMul", "LayerType": "kgen",
+         "TacticName": "_gemm_mha_v2_bf16_128_128_sm90"},
+        {"Name": "blocks.3.ffn.0/MatMul", "LayerType": "gemm", "Inputs": [{"Format/Datatype": "FP8"}],
+         "TacticName": "sm90_xmma_gemm_e4m3f32_e4m3"},
+    ]}
+    got = summarize_layers(json.dumps(detailed))
+    assert got["layers"] == 3 and got["fused_attention"] == 1 and got["fp8"] == 1
+    assert got["fused_attention_layers"] == ["blocks.0.self_attn/MatMul+Softmax+MatMul"]
+    unfused = {"Layers": ["blocks.0.self_attn/MatMul", "blocks.0.self_attn/Softmax", "blocks.0.self_attn/MatMul_1"]}
+    assert summarize_layers(json.dumps(unfused))["fused_attention"] == 0  # names only: nothing fused
+
+
+def _has_tensorrt() -> bool:
+    try:
+        from wanrt.engine.tensorrt import require
+
+        require()
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_has_tensorrt(), reason="checks the message where TensorRT is absent")
+def test_compare_without_tensorrt_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+    from wanrt.engine.compare import compare_with_onnxruntime
+    from wanrt.engine.tensorrt import TensorRTUnavailable
+    from wanrt.export.specs import Target
+
+    with pytest.raises(TensorRTUnavailable, match="TensorRT is not usable here"):
+        compare_with_onnxruntime(tmp_path, "dit", Target(64, 48, 9))
+    _engine_dir(tmp_path)
+    r = CliRunner().invoke(app, ["doctor", "--compare", str(tmp_path)])
+    assert r.exit_code == 1 and "no TensorRT engines to compare" in r.output
+
+
+@pytest.mark.skipif(_has_tensorrt(), reason="checks the message where TensorRT is absent")
+def test_plugin_graph_without_tensorrt_is_one_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from wanrt.engine.tensorrt import TensorRTUnavailable, register_our_plugins
+
+    x = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 1, 4]) for n in "qkv"]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 1, 4])
+    node = helper.make_node("FlashAttention", ["q", "k", "v"], ["out"], domain="wanrt")
+    model = helper.make_model(helper.make_graph([node], "g", x, [out]),
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("wanrt", 1)])
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(TensorRTUnavailable, match="uses our attention plugins, which cannot be registered"):
+        register_our_plugins(path)
+
+
+def test_trt_network_dtypes_checked_at_build():
+    from wanrt.engine.tensorrt import check_network
+
+    trt = fake_trt(CACHE_IO, cache_fn)
+
+    class Net:
+        def __init__(self, dtype):
+            self.io = [types.SimpleNamespace(name=n, shape=s, dtype=dtype if n == "frames" else d)
+                       for n, _, s, d in CACHE_IO]
+            self.num_inputs, self.num_outputs = 2, 2
+
+        def get_input(self, i):
+            return self.io[i]
+
+        def get_output(self, i):
+            return self.io[2 + i]
+
+    check_network(Net("FLOAT"), CACHE_SPEC, trt)
+    with pytest.raises(ValueError, match="frames: BF16 \\(spec FLOAT\\)"):
+        check_network(Net("BF16"), CACHE_SPEC, trt)

@@ -28,8 +28,9 @@ def pipe(tiny_official):
 @pytest.fixture(scope="module")
 def calibration(pipe):
     from wanrt.calibration import calibrate
+    from wanrt.samples import SAMPLE_PROMPT
 
-    return calibrate(pipe, TARGET, steps=2, prompts=("a bird",))
+    return calibrate(pipe, TARGET, steps=2, prompts=(SAMPLE_PROMPT,))
 
 
 def _inputs(spec):

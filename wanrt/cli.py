@@ -310,13 +310,14 @@ def _target(ckpt_dir: str, out: str, size: str | None, frame_num: int | None, ba
     return Target(w, h, frame_num, batch), check_components(components)
 
 
-def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int) -> dict | None:
+def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int,
+                     attention: bool = False) -> dict | None:
     """fp8 DiT exports need activation scales from a few real denoising steps (stored in the engine dir)."""
     if precision != "fp8" or "dit" not in parts:
         return None
     from wanrt.calibration import calibrate_to
 
-    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo)
+    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo, attention=attention)
 
 
 # Options that `export` and `build` share (one target: exact size, frame count, components, DiT batch).
@@ -329,10 +330,14 @@ ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separate
 BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
 DebugOpt = Annotated[bool, typer.Option("--debug")]
-GraphAttentionOpt = Annotated[str, typer.Option(
-    "--graph_attention", "--graph-attention",
-    help="How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, any "
-         "TensorRT >= 10.12) or onnx (the opset-23 Attention op, TensorRT >= 10.14).")]
+_GRAPH_ATTENTION_HELP = ("How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, "
+                         "TensorRT >= 10.12), onnx (the opset-23 Attention op, TensorRT >= 10.14), or flash|sage "
+                         "(our Triton kernels as custom nodes, run as TensorRT plugins).")
+Fp8AttentionOpt = Annotated[bool, typer.Option("--fp8_attention", "--fp8-attention",
+                                               help="fp8: also FP8 Q/DQ around the DiT's attention (ModelOpt style).")]
+GraphAttentionOpt = Annotated[str, typer.Option("--graph_attention", "--graph-attention", help=_GRAPH_ATTENTION_HELP)]
+ExportAttentionOpt = Annotated[str, typer.Option("--graph_attention", "--graph-attention", "--attention",
+                                                 help=_GRAPH_ATTENTION_HELP)]
 DEFAULT_COMPONENTS = "text_encoder,image_encoder,dit,vae"  # export.specs.COMPONENTS (not imported: torch)
 
 
@@ -346,7 +351,8 @@ def export(
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     calib_steps: CalibStepsOpt = 4,
-    graph_attention: GraphAttentionOpt = "matmul",
+    graph_attention: ExportAttentionOpt = "matmul",
+    fp8_attention: Fp8AttentionOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -355,9 +361,9 @@ def export(
 
         target, parts = _target(ckpt_dir, out, size, frame_num, batch, components)
         t0 = time.perf_counter()
-        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
+        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps, fp8_attention)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
-                   calibration=calibration, graph_attention=graph_attention)
+                   calibration=calibration, graph_attention=graph_attention, fp8_attention=fp8_attention)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
     except KeyboardInterrupt:
         raise
@@ -377,7 +383,8 @@ def build(
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     device: Annotated[str | None, typer.Option("--device", help="aoti: cpu or cuda (default: cuda if any).")] = None,
-    attention: Annotated[str, typer.Option("--attention", help="aoti: sdpa or flash (Triton).")] = "sdpa",
+    attention: Annotated[str, typer.Option("--attention", help="aoti: sdpa or flash (Triton); tensorrt: flash "
+                                           "or sage export our kernels as plugins.")] = "sdpa",
     workspace_gb: Annotated[float, typer.Option("--workspace_gb", help="tensorrt builder workspace.")] = 8.0,
     opt_level: Annotated[int, typer.Option("--opt_level", help="tensorrt builder optimisation level 0-5.")] = 3,
     strip_weights: Annotated[bool, typer.Option("--strip_weights", help="tensorrt: weight-stripped plans, "
@@ -385,6 +392,7 @@ def build(
     tf32: Annotated[bool, typer.Option("--tf32", help="tensorrt: allow TF32 in the fp32 graphs (VAE).")] = False,
     calib_steps: CalibStepsOpt = 4,
     graph_attention: GraphAttentionOpt = "matmul",
+    fp8_attention: Fp8AttentionOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -399,8 +407,11 @@ def build(
 
             require()  # one clear line before any export work when TensorRT is absent
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights,
-                           tf32=tf32, graph_attention=graph_attention)
-            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
+                           tf32=tf32, graph_attention=graph_attention, fp8_attention=fp8_attention)
+            if attention in ("flash", "sage") and graph_attention == "matmul":  # our kernels, as plugins
+                options["graph_attention"] = attention
+            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps,  # stored in the engine dir
+                             fp8_attention)
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")
@@ -463,6 +474,8 @@ def doctor(
     verify: Annotated[str | None, typer.Option("--verify", help="Engine dir to check in full.")] = None,
     ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir", help="Checkpoint to scan for "
                                                  "non-finite weights.")] = None,
+    compare: Annotated[str | None, typer.Option("--compare", help="Engine dir whose TensorRT engines to "
+                                                "compare with ONNX Runtime (polygraphy).")] = None,
 ) -> None:
     from wanrt.doctor import report
 
@@ -475,6 +488,16 @@ def doctor(
         typer.echo(f"{'FAIL' if bad else 'ok'}: {len(bad)} of {checked} tensors of {ckpt_dir} hold NaN or inf")
         raise typer.Exit(1 if bad else 0)
 
+    if compare is not None:
+        from wanrt.doctor import compare as compare_dir
+
+        try:
+            lines = compare_dir(compare)
+        except _known_errors() as e:
+            _fail(e, False)
+        for line in lines:
+            typer.echo(line)
+        raise typer.Exit(0 if lines[0].startswith("ok") else 1)
     if verify is not None:
         from wanrt.doctor import verify as verify_dir
 

@@ -90,3 +90,31 @@ def verify(engine_dir) -> list[str]:
     if not problems:
         return [f"ok   {engine_dir}: manifest and every file intact (full sha256)"]
     return [f"no   {engine_dir}: {len(problems)} problem(s)"] + [f"     {p}" for p in problems]
+
+
+def compare(engine_dir, atol: float = 1e-2, rtol: float = 1e-2) -> list[str]:
+    """`wanrt doctor --compare ENGINE_DIR`: every TensorRT engine of the dir against its ONNX graph in ONNX
+    Runtime (polygraphy's Comparator, same random inputs). Returns report lines; the first says ok or not."""
+    from wanrt.engine.compare import compare_with_onnxruntime
+    from wanrt.engine.manifest import Manifest
+    from wanrt.export.specs import Target
+
+    m = Manifest.load(engine_dir)
+    profiles = [Target(p["width"], p["height"], p["frame_num"], m.batch) for p in m.profiles.values()]
+    lines, failed = [], 0
+    for key, e in m.data.get("engines", {}).items():
+        if e.get("backend") != "tensorrt":
+            continue
+        tag = key.partition("@")[2]
+        target = next((t for t in profiles if not tag or t.tag == tag), None)
+        try:
+            report = compare_with_onnxruntime(engine_dir, e["graph"], target, atol, rtol)
+            worst = max(r["max_rel"] for r in report.values())
+            lines.append(f"     {key}: ok (max relative error {worst:.2e})")
+        except RuntimeError as err:
+            failed += 1
+            lines.append(f"     {key}: {err}")
+    if not lines:
+        return [f"no   {engine_dir}: no TensorRT engines to compare (build with --backend tensorrt)"]
+    head = "ok  " if not failed else "no  "
+    return [f"{head} {engine_dir}: {len(lines) - failed}/{len(lines)} TensorRT engines match ONNX Runtime"] + lines

@@ -117,8 +117,9 @@ def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, l
     from .exporter import export
 
     graph_attention = options.pop("graph_attention", "matmul")
+    fp8_attention = options.pop("fp8_attention", False)
     manifest = export(ckpt_dir, out, target, precision=precision, components=components, force=force, log=log,
-                      graph_attention=graph_attention)
+                      graph_attention=graph_attention, fp8_attention=fp8_attention)
     specs = {k: v for k, v in graph_specs(_config(manifest), target).items()}
     trt = trt_build.require()
     props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -30,7 +30,7 @@ from wanrt.export.specs import (
 def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str = "fp32",
            components: Iterable[str] = COMPONENTS, force: bool = False,
            log: Callable[[str], None] = print, inline_limit: int | None = None,
-           calibration: dict | None = None, graph_attention: str = "matmul"):
+           calibration: dict | None = None, graph_attention: str = "matmul", fp8_attention: bool = False):
     """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest."""
     from wanrt.export import onnx as onnx_export
     from wanrt.export.graphs import build_graph, example_inputs
@@ -39,6 +39,8 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     from .dir import EngineDir
 
     components = check_components(components)
+    if fp8_attention and graph_attention != "matmul":
+        raise ValueError("--fp8_attention quantises the Cast-free matmul attention; use --graph_attention matmul")
     if graph_attention not in onnx_export.GRAPH_ATTENTION:
         raise ValueError(f"graph attention must be one of {', '.join(onnx_export.GRAPH_ATTENTION)}, "
                          f"got {graph_attention!r}")
@@ -61,7 +63,9 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             key, rel = graph_key(graph, target), graph_file(graph, target)
             spec = specs[graph]
             form = graph_attention if graph == "dit" else "matmul"  # the DiT is where attention costs
-            if not force and manifest.is_current("graphs", key, spec=spec.to_dict(), attention=form):
+            qdq_attention = fp8_attention and precision == "fp8" and graph == "dit"
+            if not force and manifest.is_current("graphs", key, spec=spec.to_dict(), attention=form,
+                                                 fp8_attention=qdq_attention):
                 log(f"{key}: up to date")
                 continue
             t0 = time.perf_counter()
@@ -73,7 +77,8 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
                 from wanrt.export.fp8 import insert_qdq
 
                 proto, weights, fetch = insert_qdq(proto, weights, fetch,
-                                                   calibration or _calibration(engine_dir.calibration_path))
+                                                   calibration or _calibration(engine_dir.calibration_path),
+                                                   attention=qdq_attention)
             log(f"{key}: writing weights")
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +88,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             files = [str(Path(rel).parent / f) for f in info["files"]]
             profile = target.tag if resolution_dependent(graph) else None
             manifest.record("graphs", key, files, component=component, graph=graph, profile=profile, attention=form,
+                            fp8_attention=qdq_attention,
                             spec=spec.to_dict(), weight_bytes=info["bytes"], ops=checked["ops"],
                             export_seconds=round(time.perf_counter() - t0, 2))
             log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "

@@ -26,6 +26,20 @@ class TensorRTUnavailable(ImportError):
     pass
 
 
+def register_our_plugins(onnx_path: Path) -> None:
+    """Register our Triton plugins when the graph has wanrt custom nodes (--graph_attention flash|sage);
+    one line when they cannot be (no tensorrt.plugin, no triton, an old TensorRT)."""
+    if not uses_plugins(onnx_path):
+        return
+    try:
+        from wanrt.kernels.trt_plugins import register_plugins
+
+        register_plugins()
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError of an old tensorrt.plugin, ...
+        raise TensorRTUnavailable(f"{onnx_path.name} uses our attention plugins, which cannot be registered here "
+                                  f"({type(e).__name__}: {e}); re-export with --graph_attention matmul") from None
+
+
 def require():
     """Import tensorrt or fail with one line that says what to do."""
     try:
@@ -90,8 +104,9 @@ def builder_flags(trt, settings: BuildSettings) -> list:
     return flags
 
 
-def check_network(network, spec: GraphSpec) -> None:
-    """The parsed network must have exactly the spec's static inputs and outputs."""
+def check_network(network, spec: GraphSpec, trt=None) -> None:
+    """The parsed network must have exactly the spec's static inputs and outputs (and, given the tensorrt
+    module, the spec's dtypes)."""
     got_in = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     got_out = {network.get_output(i).name: tuple(network.get_output(i).shape) for i in range(network.num_outputs)}
     want_in = {t.name: t.shape for t in spec.inputs}
@@ -99,6 +114,14 @@ def check_network(network, spec: GraphSpec) -> None:
     if got_in != want_in or got_out != want_out:
         raise ValueError(f"{spec.name}: the ONNX network's I/O {got_in} -> {got_out} does not match the spec "
                          f"{want_in} -> {want_out}; re-export it")
+    if trt is not None:
+        tensors = [network.get_input(i) for i in range(network.num_inputs)]
+        tensors += [network.get_output(i) for i in range(network.num_outputs)]
+        want = {t.name: getattr(trt.DataType, TRT_DTYPES[t.dtype]) for t in (*spec.inputs, *spec.outputs)}
+        bad = [f"{t.name}: {t.dtype} (spec {want[t.name]})" for t in tensors if t.dtype != want[t.name]]
+        if bad:
+            raise ValueError(f"{spec.name}: the ONNX network's I/O dtypes differ from the spec ({'; '.join(bad)}); "
+                             "re-export it")
 
 
 def configure(trt, builder, network, settings: BuildSettings, timing_cache: bytes | None):
@@ -132,19 +155,17 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
     trt = require()
     import torch
 
-    if uses_plugins(onnx_path):
-        from wanrt.kernels.trt_plugins import register_plugins
-
-        register_plugins()
+    register_our_plugins(onnx_path)
     builder = trt.Builder(logger(trt))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger(trt))
     if not parser.parse_from_file(str(onnx_path)):  # reads <file>.data external weights itself
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
-    check_network(network, spec)
+    check_network(network, spec, trt)
     cache_bytes = timing_cache_path.read_bytes() if timing_cache_path and timing_cache_path.is_file() else None
     config, cache = configure(trt, builder, network, settings, cache_bytes)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer inspection below names tactics
     t0 = time.perf_counter()
     log(f"{spec.name}: building the TensorRT plan (optimisation level {settings.optimization_level})")
     plan = builder.build_serialized_network(network, config)
@@ -155,8 +176,13 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: GraphSpec, settings: Buil
     if timing_cache_path is not None:
         _write_atomic(timing_cache_path, memoryview(cache.serialize()))
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    from .compare import inspect_plan
+
+    layers = inspect_plan(trt, plan)  # fused attention and FP8 kernels present? recorded in the manifest
+    log(f"{spec.name}: {layers['layers']} layers, {layers['fused_attention']} fused attention, "
+        f"{layers['fp8']} FP8")
     return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
-            "build_seconds": round(seconds, 1), "plan_bytes": plan_path.stat().st_size}
+            "build_seconds": round(seconds, 1), "plan_bytes": plan_path.stat().st_size, "layers": layers}
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -233,10 +259,8 @@ class TRTGraph(ContractGraph):
                  stripped: bool = False, trt=None):
         super().__init__(spec, device)
         trt = trt or require()
-        if onnx_path is not None and uses_plugins(onnx_path):
-            from wanrt.kernels.trt_plugins import register_plugins
-
-            register_plugins()
+        if onnx_path is not None:
+            register_our_plugins(Path(onnx_path))
         runtime = trt.Runtime(logger(trt))
         plan = read_plan(plan_path)
         try:

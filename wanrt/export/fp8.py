@@ -97,7 +97,8 @@ def fake_quant_model(dit: nn.Module, calibration: dict) -> nn.Module:
 # ----------------------------------------------------------------------------------------- Q/DQ graph
 
 
-def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], calibration: dict):
+def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], calibration: dict,
+               attention: bool = False):
     """Rewrite the DiT graph (weights as graph inputs named net.<module>.weight) with FP8 Q/DQ on every
     calibrated linear. Returns (proto, weights, fetch) where quantised weights are FP8 inputs that
     `fetch` produces by quantising the checkpoint tensor with the calibrated weight scale."""
@@ -156,6 +157,11 @@ def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], 
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)  # still topologically sorted: each new node sits right before its consumer
+    if attention:
+        if not table:  # no quantised linear: the blocks' dtype from any block weight
+            elem = next(i.type.tensor_type.elem_type for n, i in inputs.items() if n.startswith("net.blocks."))
+        blocks = {int(n.split(".")[2]) for n in inputs if n.startswith("net.blocks.")}
+        insert_attention_qdq(graph, calibration, elem, len(blocks))
     if not any(o.domain in ("", "ai.onnx") and o.version >= 19 for o in proto.opset_import):
         raise ValueError("FP8 Q/DQ needs opset >= 19")
     onnx.checker.check_model(proto)
@@ -170,6 +176,65 @@ def insert_qdq(proto, weights: list[str], fetch: Callable[[str], torch.Tensor], 
         return fetch(name)
 
     return proto, weights, fetch_fp8
+
+
+SOFTMAX_SCALE = 1.0 / FP8_MAX  # probabilities in [0, 1] -> the full E4M3 range (ModelOpt's fixed scale)
+
+
+def insert_attention_qdq(graph, calibration: dict, elem: int, num_blocks: int) -> None:
+    """ModelOpt-style FP8 attention on the Cast-free form: Q/DQ on the pre-scaled Q and on K before its
+    transpose (BMM1 inputs), on the softmax output at 1/448 and on V (BMM2 inputs). The j-th Softmax of the
+    graph is the j-th attention call of a DiT forward, whose maxima calibration['attention_amax'][j] holds.
+    Attentions of the recipe's bf16 blocks (calibration['bf16_blocks']) stay bf16."""
+    from onnx import TensorProto, helper
+
+    amax = calibration.get("attention_amax")
+    if not amax:
+        raise ValueError("FP8 attention needs attention maxima: calibrate with attention=True (--fp8_attention)")
+    dtype = {TensorProto.BFLOAT16: torch.bfloat16, TensorProto.FLOAT: torch.float32}[elem]
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    if len(softmaxes) != len(amax):
+        raise ValueError(f"the graph has {len(softmaxes)} attention Softmaxes, the calibration {len(amax)} "
+                         "attention calls (calibrated for another model or graph form?)")
+    before: dict[int, list] = {}
+    zp = "attn_fp8_zero_point"
+    graph.initializer.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+
+    def qdq(tensor: str, scale: float, tag: str, consumer, index: int) -> None:
+        s = f"{tag}_scale"
+        graph.initializer.append(_scalar(s, max(scale, 1e-12), elem, dtype))
+        q = helper.make_node("QuantizeLinear", [tensor, s, zp], [f"{tag}_q"], name=f"{tag}/q")
+        dq = helper.make_node("DequantizeLinear", [f"{tag}_q", s], [f"{tag}_dq"], name=f"{tag}/dq")
+        consumer.input[index] = f"{tag}_dq"
+        before.setdefault(id(consumer), []).extend([q, dq])
+
+    per_block = len(softmaxes) // max(num_blocks, 1)
+    keep = set(calibration.get("bf16_blocks", []))
+    for j, (sm, (a_q, a_k, a_v)) in enumerate(zip(softmaxes, amax)):
+        if per_block and j // per_block in keep:
+            continue
+        mm1 = producer[sm.input[0]]
+        (mm2,) = consumers[sm.output[0]]
+        k_t = producer[mm1.input[1]]
+        if mm1.op_type != "MatMul" or mm2.op_type != "MatMul" or k_t.op_type != "Transpose":
+            raise ValueError(f"attention {j}: expected MatMul(q, Transpose(k)) -> Softmax -> MatMul (the Cast-free "
+                             f"form), found {mm1.op_type}, {k_t.op_type} -> Softmax -> {mm2.op_type}")
+        tag = f"attn{j}"
+        qdq(mm1.input[0], a_q / FP8_MAX, f"{tag}_q", mm1, 0)
+        qdq(k_t.input[0], a_k / FP8_MAX, f"{tag}_k", k_t, 0)  # K before its transpose
+        qdq(sm.output[0], SOFTMAX_SCALE, f"{tag}_p", mm2, 0)
+        qdq(mm2.input[1], a_v / FP8_MAX, f"{tag}_v", mm2, 1)
+    nodes = []
+    for n in graph.node:
+        nodes.extend(before.get(id(n), []))
+        nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _scalar(name: str, value: float, elem: int, dtype: torch.dtype):

@@ -33,7 +33,11 @@ ATTENTION_OPSET = 23  # the ONNX `Attention` op (TensorRT parses it since 10.14,
 #   unfused the 720p score tensor is ~1.8 TB). TensorRT's fused kernels accumulate softmax in fp32.
 # - "onnx": the opset-23 `Attention` op (q pre-scaled, scale=1), which TensorRT >= 10.14 maps to IAttention
 #   (NVIDIA's Wan demo exports this form). Applied to the DiT; the other graphs stay opset 20.
-GRAPH_ATTENTION = ("matmul", "onnx")
+# - "flash" | "sage": our Triton kernels as custom nodes wanrt::FlashAttention / wanrt::SageAttention
+#   (kernels/onnx_ops.py), which `wanrt build` maps to our TensorRT plugins. ONNX Runtime runs them through
+#   `with_reference_functions`, an ONNX function per op with the exact attention as its body.
+GRAPH_ATTENTION = ("matmul", "onnx", "flash", "sage")
+PLUGIN_FORMS = ("flash", "sage")
 
 
 def _cast_free_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,53 @@ def _register_forms() -> dict[str, str]:
 
     attention.register("_export_matmul")(_cast_free_math)
     attention.register("_export_onnx")(_attention_op)
-    return {"matmul": "_export_matmul", "onnx": "_export_onnx"}
+    return {"matmul": "_export_matmul", "onnx": "_export_onnx", "flash": "flash", "sage": "sage"}
+
+
+def _plugin_table(graph_attention: str):
+    """The custom-node translations for the plugin forms (needs triton: the ops are Triton kernels)."""
+    if graph_attention not in PLUGIN_FORMS:
+        return None
+    try:
+        from wanrt.kernels import onnx_ops
+
+        return onnx_ops.translation_table()
+    except ImportError as e:
+        raise ImportError(f"--graph_attention {graph_attention} exports our Triton kernels as custom nodes and "
+                          f"needs triton ({e}); pip install triton, or use matmul/onnx") from None
+
+
+def with_reference_functions(proto):
+    """`proto` with an ONNX function per wanrt attention node type, whose body is the exact attention
+    (q, k, v (B, L, H, D) -> softmax(q k^T / sqrt(D)) v) in standard ops, so ONNX Runtime (and the checker)
+    can run a graph exported with --graph_attention flash|sage. The TensorRT build uses the plugins instead;
+    this reference is never written into the engine dir's ONNX."""
+    from onnx import helper
+
+    from wanrt.kernels import onnx_ops
+
+    used = {n.op_type for n in proto.graph.node if n.domain == onnx_ops.DOMAIN}
+    have = {f.name for f in proto.functions}
+    for op in sorted(used - have):
+        if op not in ("FlashAttention", "SageAttention"):
+            raise ValueError(f"no ONNX Runtime reference for the custom node wanrt::{op}")
+        nodes = [
+            helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1, 3]),
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),
+            helper.make_node("Transpose", ["v"], ["vt"], perm=[0, 2, 1, 3]),
+            helper.make_node("Shape", ["q"], ["d"], start=3, end=4),
+            helper.make_node("CastLike", ["d", "q"], ["df"]),
+            helper.make_node("Sqrt", ["df"], ["sd"]),
+            helper.make_node("Div", ["qt", "sd"], ["qs"]),
+            helper.make_node("MatMul", ["qs", "kt"], ["s"]),
+            helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "vt"], ["o"]),
+            helper.make_node("Transpose", ["o"], ["out"], perm=[0, 2, 1, 3]),
+        ]
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        proto.functions.append(helper.make_function(onnx_ops.DOMAIN, op, ["q", "k", "v"], ["out"], nodes,
+                                                    [helper.make_opsetid("", opset)]))
+    return proto
 INLINE_LIMIT = 1_900_000_000
 _ALIGN = 64
 
@@ -92,13 +142,15 @@ def trace(module: torch.nn.Module, spec: GraphSpec, args: tuple, opset: int | No
     if graph_attention not in GRAPH_ATTENTION:
         raise ValueError(f"graph attention must be one of {', '.join(GRAPH_ATTENTION)}, got {graph_attention!r}")
     impl = _register_forms()[graph_attention]
+    table = _plugin_table(graph_attention)
     opset = opset or (ATTENTION_OPSET if graph_attention == "onnx" else OPSET)
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
     with warnings.catch_warnings(), _quiet(), attention.use(impl), fused.use("torch"), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names_in,
-                                    output_names=names_out, optimize=False, verbose=False)
+                                    output_names=names_out, optimize=False, verbose=False,
+                                    custom_translation_table=table)
     model = program.model
     weights = list(model.graph.initializers)
     for name in weights:  # weights become inputs: the optimizer must not fold (or read) them
@@ -226,8 +278,12 @@ def check_graph(path: Path) -> dict:
     """onnx.checker, no complex/float64 tensors, static shapes, every op in TensorRT's list. Raises."""
     import onnx
 
-    onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)
+    if any(n.domain == "wanrt" for n in model.graph.node):
+        from wanrt.kernels import onnx_ops
+
+        onnx_ops.register_schemas()  # the custom nodes validate against our schemas
+    onnx.checker.check_model(str(path))
     ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
     unsupported = sorted(op for dom, op in ops if dom == "ai.onnx" and op not in trt_supported_ops())
     if unsupported:

@@ -194,7 +194,6 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
 
     from wanrt.engine.manifest import EngineError, Manifest
     from wanrt.export.specs import Target
-    from wanrt.models.config import WanConfig
 
     if backend not in ENGINE_BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose from {', '.join(ENGINE_BACKENDS)}")
@@ -211,18 +210,18 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
         from wanrt.models.loading import Checkpoint
 
         fp = Checkpoint(checkpoint).fingerprint()
-        if fp != m.data["checkpoint"]["fingerprint"]:
-            raise EngineError(f"{engine_dir} was built from {m.data['checkpoint']['path']}, not from {checkpoint} "
+        if fp != m.checkpoint["fingerprint"]:
+            raise EngineError(f"{engine_dir} was built from {m.checkpoint['path']}, not from {checkpoint} "
                               "(different fingerprint); rebuild it for this checkpoint")
-    config = WanConfig.from_dict(m.data["config"])
+    config = m.config()
     tok_dir = Path(engine_dir) / "tokenizer"  # absent for engines built from in-memory random weights
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
     target = Target(target.width, target.height, target.frame_num, m.batch)
     if backend == "onnxruntime":
         from wanrt.runtime.onnxruntime import load_graphs
 
-        if device.type == "cpu" and m.data["precision"] != "fp32":
-            raise EngineError(f"{engine_dir} holds {m.data['precision']} graphs, which ONNX Runtime's CPU provider "
+        if device.type == "cpu" and m.precision != "fp32":
+            raise EngineError(f"{engine_dir} holds {m.precision} graphs, which ONNX Runtime's CPU provider "
                               "cannot run (no bf16/fp8 kernels); export with --precision fp32 for it, or use CUDA")
         loaded = load_graphs(engine_dir, target, device, graphs)
     else:
@@ -236,7 +235,7 @@ def _pick_profile(m, width, height, frame_num):
     from wanrt.engine.manifest import EngineError
     from wanrt.export.specs import Target
 
-    profiles = m.data.get("profiles", {})
+    profiles = m.profiles
     matches = [p for p in profiles.values()
                if (width is None or (p["width"], p["height"]) == (width, height))
                and (frame_num is None or p["frame_num"] == frame_num)]

@@ -47,12 +47,28 @@ class Graph(ContractGraph):
         if threads:
             opts.intra_op_num_threads = threads
         path = manifest.root / graph_file(name, target)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers(device))
+        model = str(path)
+        if entry.get("attention") in ("flash", "sage"):  # our plugins' custom nodes: run their ONNX reference
+            model = _with_reference(path)
+        self.session = ort.InferenceSession(model, sess_options=opts, providers=providers(device))
 
     def _run(self, args):
         feed = {s.name: t.detach().numpy() for s, t in zip(self.spec.inputs, args)}
         outs = self.session.run([o.name for o in self.spec.outputs], feed)
         return [torch.from_numpy(np.ascontiguousarray(o)).to(self.out_device) for o in outs]
+
+
+def _with_reference(path: Path) -> bytes:
+    """The graph with its wanrt attention nodes' reference functions attached, as bytes (weights inline)."""
+    import onnx
+
+    from wanrt.export.onnx import with_reference_functions
+
+    proto = with_reference_functions(onnx.load(str(path)))
+    if proto.ByteSize() > 2_000_000_000:
+        raise EngineError(f"{path.name} has custom attention nodes and is too large for ONNX Runtime's in-memory "
+                          "reference (2 GB); export with --graph_attention matmul for ONNX Runtime")
+    return proto.SerializeToString()
 
 
 def load_graphs(root: str | Path, target: Target, device: torch.device, names=GRAPH_NAMES, threads: int = 0):
