@@ -2,6 +2,7 @@
 """Step caching on the trained tiny model: DiT calls saved vs fidelity to the uncached video.
 
     python scripts/cache_tradeoff.py --clips 8 --json docs/cache_tradeoff.json --plot docs/cache_tradeoff.png
+    python scripts/cache_tradeoff.py --replot docs/cache_tradeoff.json --plot docs/cache_tradeoff.png  # no runs
 
 Held-out clips (wanrt.tiny.data.heldout_seeds) at 64x64, 17 frames, 50 UniPC steps (shift 16, guide 5,
 the defaults of `wanrt generate`), generated through the public pipeline: once with cache="none" and once
@@ -68,6 +69,18 @@ def plot(results: dict, steps: int, default: float, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def report(results: dict, steps: int, clips: int, default: float) -> None:
+    print(f"{clips} held-out clips, 64x64x17, {steps} steps; PSNR vs uncached (dB)")
+    print(f"{'rule':>9} {'threshold':>9} {'calls mean':>10} {'calls max':>9} {'saved min %':>11} "
+          f"{'PSNR mean':>9} {'PSNR min':>8}")
+    for rule, rows in results.items():
+        for r in rows:
+            mark = " <- default" if r["threshold"] == default and rule == cache.REUSE else ""
+            saved = 100 * (1 - r["max_calls"] / steps)
+            print(f"{rule:>9} {r['threshold']:>9g} {r['mean_calls']:>10.1f} {r['max_calls']:>9d} {saved:>11.0f} "
+                  f"{r['mean_psnr']:>9.2f} {r['min_psnr']:>8.2f}{mark}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", default="tiny")
@@ -78,7 +91,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json")
     p.add_argument("--plot")
+    p.add_argument("--replot", help="print and plot the results of an earlier --json (marks today's default)")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        cfg = FLF2VPipeline.from_pretrained(saved["args"]["ckpt_dir"], device="cpu").config
+        report(saved["results"], saved["args"]["steps"], saved["args"]["clips"], teacache_config(cfg.dit).threshold)
+        if args.plot:
+            plot(saved["results"], saved["args"]["steps"], teacache_config(cfg.dit).threshold, Path(args.plot))
+        return
     torch.set_num_threads(args.threads)
     pipe = FLF2VPipeline.from_pretrained(args.ckpt_dir, device="cpu")
     default = teacache_config(pipe.config.dit).threshold
@@ -108,15 +129,7 @@ def main() -> None:
             results[rule].append({"threshold": t, "mean_calls": float(np.mean(calls)), "max_calls": max(calls),
                                   "min_calls": min(calls), "mean_psnr": float(np.mean(ps)), "min_psnr": min(ps),
                                   "clips": rows})
-    print(f"{len(seeds)} held-out clips, 64x64x17, {args.steps} steps; PSNR vs uncached (dB)")
-    print(f"{'rule':>9} {'threshold':>9} {'calls mean':>10} {'calls max':>9} {'saved min %':>11} "
-          f"{'PSNR mean':>9} {'PSNR min':>8}")
-    for rule, rows in results.items():
-        for r in rows:
-            mark = " <- default" if r["threshold"] == default and rule == chosen else ""
-            saved = 100 * (1 - r["max_calls"] / args.steps)
-            print(f"{rule:>9} {r['threshold']:>9g} {r['mean_calls']:>10.1f} {r['max_calls']:>9d} {saved:>11.0f} "
-                  f"{r['mean_psnr']:>9.2f} {r['min_psnr']:>8.2f}{mark}")
+    report(results, args.steps, len(seeds), default)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "default": default, "reuse": chosen,
                                                "results": results}, indent=2))

@@ -137,6 +137,11 @@ def generate(
     attention: Annotated[str, typer.Option("--attention", help="sdpa, flash or sage (Triton kernels).")] = "sdpa",
     kernels: Annotated[str, typer.Option("--kernels", help="torch or triton (fused norm/RoPE kernels).")] = "torch",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    cache: Annotated[str, typer.Option("--cache", help="Step caching: none, or teacache (skip DiT calls whose "
+                                       "output is predictable).")] = "none",
+    cache_threshold: Annotated[float | None, typer.Option("--cache_threshold", "--cache-threshold",
+                                                          help="TeaCache threshold (default: the model's; "
+                                                          "higher skips more).")] = None,
     nproc: Annotated[int, typer.Option("--nproc", help="Run as N local processes (what torchrun "
                                        "--nproc_per_node=N -m wanrt generate does).")] = 1,
     ulysses_size: Annotated[int, typer.Option("--ulysses_size", "--ulysses-size", help="Sequence-parallel degree "
@@ -185,6 +190,9 @@ def generate(
         w, h = parse_size(size)
         frames_given = frame_num if (not engine or _given(ctx, "frame_num")) else None
         validate(None, frames_given or 81, sample_steps, sample_guide_scale, w * h, sample_solver)
+        from wanrt.runtime.cache import check as check_cache
+
+        check_cache(cache, cache_threshold)
         if ckpt_dir is None and not engine:
             raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
         if (first_frame is None) != (last_frame is None):
@@ -230,7 +238,7 @@ def generate(
                          max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
                          sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
-                         decode=run.is_main)  # only rank 0 decodes and writes
+                         decode=run.is_main, cache=cache, cache_threshold=cache_threshold)  # rank 0 decodes
             if run.is_main:
                 for note in video.notes:
                     typer.echo(f"note: {note}", err=True)
@@ -242,7 +250,8 @@ def generate(
                            f"{video.frames.shape[1]}, seed {seed}) in {t['total']:.2f} s: text "
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
                            f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
-                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
+                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s; "
+                           f"{video.dit_calls} DiT calls for {sample_steps} steps")
     except typer.Exit:  # click's Exit is a RuntimeError: not an error here
         raise
     except _known_errors() as e:

@@ -149,7 +149,7 @@ TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
     # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0019
     (128, 4, 384): TeaCacheConfig(
         coefficients=(9.31095718e+00, -2.91002070e+00, -1.66262749e-02, 2.34556900e-01, -8.71930818e-04),
-        indicator="e", first_steps=1, last_steps=1, threshold=0.1,
+        indicator="e", first_steps=1, last_steps=1, threshold=0.02,
         source="scripts/fit_teacache.py"),
     # END tiny teacache
 }
