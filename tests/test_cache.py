@@ -316,3 +316,19 @@ def test_cuda_graphs_with_cached_steps(tiny_official, random_tiny_coefficients):
                                           cuda_graphs=False)(a, b, "x", **kw)
     assert graph.dit_calls == plain.dit_calls < 12
     assert psnr(graph.frames, plain.frames) >= 60
+
+
+# -------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_records_dit_calls():
+    from wanrt.bench.runner import run
+
+    kw = dict(backends="eager", what="e2e", sample_steps=12, repeat=1, warmup=0, log=lambda s: None)
+    plain = run("tiny", **kw).row("eager", "e2e")
+    report = run("tiny", cache="teacache", **kw)
+    cached = report.row("eager", "e2e")
+    assert plain.dit_calls == 12 and 2 <= cached.dit_calls < 12
+    assert report.settings["cache"] == "teacache" and report.to_dict()["results"][0]["dit_calls"] == cached.dit_calls
+    with pytest.raises(cache.CacheError, match="choose one of none, teacache"):
+        run("tiny", cache="fast", **kw)
