@@ -118,9 +118,10 @@ class StepCache:
             raise ValueError("the first step must be computed (nothing is cached yet)")
         self.plan = list(plan)
         self.reuse = reuse
-        self.pred = torch.zeros_like(x)  # (branches, 16, T, h, w)
-        self.out = torch.zeros_like(x)  # what a cached step returns
-        self.x = torch.zeros_like(x) if reuse == "residual" else None
+        self.pred = torch.zeros_like(x)  # (branches, 16, T, h, w): row b is branch b's own cache
+        residual = reuse == "residual"
+        self.x = torch.zeros_like(x) if residual else None  # the input the cached prediction came from
+        self.out = torch.zeros_like(x) if residual else None  # what a cached step returns
 
     @property
     def dit_calls(self) -> int:
