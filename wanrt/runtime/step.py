@@ -82,7 +82,8 @@ class CFGStep:
     def run(self, cuda_graph: bool = True, cancel: threading.Event | None = None, progress=None) -> torch.Tensor:
         """All steps. On CUDA (and cuda_graph, and a DiT backend that can be captured): step 0 runs
         eagerly on a side stream (it is also the warm-up), step 1 is captured, and the graph is
-        replayed for steps 1..n-1."""
+        replayed for steps 1..n-1. With a step cache the same happens per kind of step: the first
+        computed and the first cached step run eagerly, then each kind is captured once and replayed."""
         use_graph = cuda_graph and self.capturable and self.device.type == "cuda" and self.num_steps > 1
         plan = self.cache.plan if self.cache is not None else [True] * self.num_steps
         graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # one per kind of step: computed, cached
