@@ -7,8 +7,8 @@
 
 POST /generate takes JSON: prompt (required), first_frame / last_frame (base64 PNG/JPEG; default: the
 built-in sample frames), and any of negative_prompt, max_area, frame_num, sample_steps, sample_shift,
-guide_scale, sample_solver, seed, timeout_s (the request is cancelled between denoising steps after
-that many seconds). It answers an mp4 (video/mp4) or a JSON {"error": "..."} with status 400
+guide_scale, sample_solver, seed, cache, cache_threshold, timeout_s (the request is cancelled between
+denoising steps after that many seconds). It answers an mp4 (video/mp4) or a JSON {"error": "..."} with status 400
 (bad request), 408 (cancelled) or 500. The pipeline is loaded once; requests from concurrent clients
 are served by threads and serialized on the pipeline (one device).
 """
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 OPTIONS = ("negative_prompt", "max_area", "frame_num", "sample_steps", "sample_shift", "guide_scale",
-           "sample_solver", "seed")
+           "sample_solver", "seed", "cache", "cache_threshold")
 
 
 def _image(data: str):
