@@ -166,6 +166,11 @@ def generate(
                                                 "default) or 'official' (the official code's cropping, for "
                                                 "parity).")] = "resize",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    cache: Annotated[str, typer.Option("--cache", help="Step caching: none, or teacache (skip DiT calls whose "
+                                       "output is predictable).")] = "none",
+    cache_threshold: Annotated[float | None, typer.Option("--cache_threshold", "--cache-threshold",
+                                                          help="TeaCache threshold (default: the model's; "
+                                                          "higher skips more).")] = None,
     nproc: Annotated[int, typer.Option("--nproc", help="Run as N local processes (what torchrun "
                                        "--nproc_per_node=N -m wanrt generate does).")] = 1,
     ulysses_size: Annotated[int, typer.Option("--ulysses_size", "--ulysses-size", help="Sequence-parallel degree "
@@ -224,6 +229,9 @@ def generate(
         validate(None, 81 if frames_given is None else frames_given, sample_steps, sample_guide_scale, w * h,
                  sample_solver, sample_shift)
         _check_device(device)
+        from wanrt.runtime.cache import check as check_cache
+
+        check_cache(cache, cache_threshold)
         if ckpt_dir is None and not engine:
             raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
         if (first_frame is None) != (last_frame is None):
@@ -271,7 +279,8 @@ def generate(
                          max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
                          sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
-                         decode=run.is_main, last_frame_fit=last_frame_fit)  # only rank 0 decodes and writes
+                         decode=run.is_main, last_frame_fit=last_frame_fit, cache=cache,
+                         cache_threshold=cache_threshold)  # only rank 0 decodes and writes
             if run.is_main:
                 for note in video.notes:
                     typer.echo(f"note: {note}", err=True)
@@ -286,7 +295,8 @@ def generate(
                            f"{video.frames.shape[1]}, seed {seed}) in {t['total']:.2f} s: text "
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
                            f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
-                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
+                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s; "
+                           f"{video.dit_calls} DiT calls for {sample_steps} steps")
     except (typer.Exit, KeyboardInterrupt):  # click's Exit is a RuntimeError: not an error here; Ctrl-C
         raise  # must not reach _known_errors(), whose imports fail inside a half-imported torch
     except _known_errors() as e:

@@ -39,6 +39,7 @@ class Video:
     notes: list[str] = field(default_factory=list)  # things the pipeline changed about the request
     memory: dict[str, int] = field(default_factory=dict)  # peak bytes per stage (CUDA allocated, or RSS)
     backends: dict[str, str] = field(default_factory=dict)  # which backend ran each component
+    dit_calls: int = 0  # DiT forward calls of the denoising loop (a batched CFG call counts once)
 
     def save(self, path: str | Path, exclusive: bool = False) -> Path:
         """Write the video (container from the extension); exclusive: never replace an existing file
@@ -321,16 +322,21 @@ class FLF2VPipeline:
                  max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
                  seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None,
-                 last_frame_fit: str = "resize") -> Video:
+                 last_frame_fit: str = "resize", cache: str = "none", cache_threshold: float | None = None
+                 ) -> Video:
         """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's; the built-in
         tiny models: 64*64, 17).
         decode=False skips the VAE decode (multi-process runs decode on rank 0 only); `cancel`, when
         set, stops the request between two denoising steps (raises runtime.step.Cancelled).
         last_frame_fit: a last frame of another size than the first is 'resize'd to it (center crop to
-        the aspect ratio, then bicubic; default, with a note) or handled as the 'official' code does."""
+        the aspect ratio, then bicubic; default, with a note) or handled as the 'official' code does.
+        cache: 'none' (every step calls the DiT) | 'teacache' (steps whose output is predictable reuse the
+        last one, see runtime/cache.py); cache_threshold: TeaCache's accumulated-change threshold (None: the
+        model's documented default; higher skips more steps)."""
         notes: list[str] = []
         frame_num, max_area = self._resolve_target(frame_num, max_area)
         validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver, sample_shift, seed)
+        self._check_cache(cache, cache_threshold)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         if last_frame_fit not in ("resize", "official"):
@@ -379,16 +385,19 @@ class FLF2VPipeline:
         t0 = time.perf_counter()
         gen = torch.Generator(device=self.device).manual_seed(seed)
         noise = torch.randn((16, t_lat, lat_h, lat_w), generator=gen, dtype=torch.float32, device=self.device)
+        stats: dict = {}
         with stage("denoise"):
             latent = self.denoise(noise[None], context, clip_fea, y, sample_steps=sample_steps,
                                   sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
-                                  progress=progress, cancel=cancel)
+                                  progress=progress, cancel=cancel, cache=cache, cache_threshold=cache_threshold,
+                                  stats=stats)
         timings["denoise"] = time.perf_counter() - t0
         check_finite(latent, "the denoised latent")
 
         if not decode:  # multi-process runs: rank 0 decodes, the others return no frames
             timings["total"] = time.perf_counter() - t_start
-            return Video(frames=np.zeros((0, height, width, 3), np.uint8), fps=FPS, timings=timings, seed=seed)
+            return Video(frames=np.zeros((0, height, width, 3), np.uint8), fps=FPS, timings=timings, seed=seed,
+                         dit_calls=stats["dit_calls"])
         t0 = time.perf_counter()
         with stage("vae_decode"):
             video = self.vae_decode(latent)[0]  # (3, F, H, W)
@@ -397,7 +406,19 @@ class FLF2VPipeline:
         frames = to_uint8_frames(video)
         timings["total"] = time.perf_counter() - t_start
         return Video(frames=frames, fps=FPS, timings=timings, seed=seed, notes=notes, memory=dict(self.memory.peaks),
-                     backends=dict(self.backends.names))
+                     backends=dict(self.backends.names), dit_calls=stats["dit_calls"])
+
+    def _check_cache(self, cache: str, cache_threshold: float | None) -> None:
+        """A step-cache request this pipeline can serve, checked before any work."""
+        from wanrt.models.config import teacache_config
+        from wanrt.runtime.cache import CacheError, check, require
+
+        try:
+            check(cache, cache_threshold)
+            if cache == "teacache":
+                require(self.backends.dit, teacache_config(self.config.dit))
+        except CacheError as e:
+            raise InputError(str(e)) from None
 
     def _resolve_target(self, frame_num: int | None, max_area: int | None) -> tuple[int, int]:
         if self.target is None:  # None means "not given"; 0 is a value (refused by validate)
@@ -413,13 +434,22 @@ class FLF2VPipeline:
 
     def denoise(self, latent: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, *,
                 sample_steps: int, sample_shift: float, guide_scale: float, sample_solver: str,
-                progress: bool = False, cancel=None) -> torch.Tensor:
-        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA). latent (1, 16, T, h, w)."""
+                progress: bool = False, cancel=None, cache: str = "none", cache_threshold: float | None = None,
+                stats: dict | None = None) -> torch.Tensor:
+        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA). latent (1, 16, T, h, w).
+        cache 'teacache': the steps to compute are decided once here, from the schedule (runtime/cache.py).
+        stats, if given, receives dit_calls."""
         from wanrt.runtime.step import CFGStep
 
         scheduler = make_scheduler(sample_solver, sample_shift)
         scheduler.set_timesteps(sample_steps, device=self.device)
-        step = CFGStep(self.backends.dit, context, clip_fea, y, guide_scale, scheduler, latent)
+        plan = None
+        if cache == "teacache":
+            from wanrt.models.config import teacache_config
+            from wanrt.runtime.cache import plan_for
+
+            plan = plan_for(self.backends.dit, teacache_config(self.config.dit), scheduler.timesteps, cache_threshold)
+        step = CFGStep(self.backends.dit, context, clip_fea, y, guide_scale, scheduler, latent, cache_plan=plan)
         if progress:
             from rich.progress import Progress
 
@@ -428,4 +458,6 @@ class FLF2VPipeline:
                 out = step.run(self.cuda_graphs, cancel, lambda: bar.advance(task))
         else:
             out = step.run(self.cuda_graphs, cancel)
+        if stats is not None:
+            stats["dit_calls"] = step.dit_calls
         return out.clone()

@@ -29,7 +29,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def command_line(ckpt_dir, size, frame_num, backends, what, repeat, warmup, precision, interleave,
-                 sample_steps) -> str:
+                 sample_steps, cache: str = "none", cache_threshold: float | None = None) -> str:
     """The canonical command that reproduces a run (recorded in the JSON and printed)."""
     args = ["wanrt", "bench", "--ckpt_dir", ckpt_dir, "--size", f"{size[0]}*{size[1]}", "--frame_num",
             str(frame_num), "--backends", backends, "--what", what, "--repeat", str(repeat), "--warmup",
@@ -38,6 +38,8 @@ def command_line(ckpt_dir, size, frame_num, backends, what, repeat, warmup, prec
         args += ["--sample_steps", str(sample_steps)]
     if not interleave:
         args.append("--no-interleave")
+    if cache != "none":
+        args += ["--cache", cache] + ([] if cache_threshold is None else ["--cache_threshold", str(cache_threshold)])
     return shlex.join(args)
 
 
@@ -69,6 +71,9 @@ def bench(
     json_out: Annotated[str | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     plot_out: Annotated[str | None, typer.Option("--plot", help="Write a PNG bar chart here (matplotlib).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    cache: Annotated[str, typer.Option("--cache", help="Step caching of the e2e runs: none or teacache.")] = "none",
+    cache_threshold: Annotated[float | None, typer.Option("--cache_threshold", "--cache-threshold",
+                                                          help="TeaCache threshold (default: the model's).")] = None,
 ) -> None:
     from wanrt.engine.manifest import EngineError
     from wanrt.models.checkpoint import CheckpointError
@@ -80,12 +85,13 @@ def bench(
         wh = parse_size(size) if size else (w0, h0)
         frames = frame_num or f0
         cmd = command_line(ckpt_dir, wh, frames, backends, what, repeat, warmup, precision, interleave,
-                           sample_steps)
+                           sample_steps, cache, cache_threshold)
         typer.echo(cmd)
         report = run(ckpt_dir, size=wh, frame_num=frames, backends=backends, what=what, repeat=repeat,
                      warmup=warmup, precision=precision, device=device, engine_dir=engine_dir,
                      sample_steps=sample_steps, seed=seed, interleave=interleave, json_path=json_out,
-                     plot_path=plot_out, log=lambda s: typer.echo(s, err=True), command=cmd)
+                     plot_path=plot_out, log=lambda s: typer.echo(s, err=True), command=cmd, cache=cache,
+                     cache_threshold=cache_threshold)
     except (BenchUsageError, CheckpointError, EngineError, ValueError, FileNotFoundError, RuntimeError,
             ImportError) as e:
         if debug:

@@ -86,6 +86,7 @@ class Row:
     max_abs_err: float | None = None
     speedup_vs_eager: float | None = None  # eager median / this median (> 1: faster than eager)
     peak_tflops: float | None = None  # the device's dense BF16 peak, for pct_peak
+    dit_calls: int | None = None  # e2e: DiT calls of one video (fewer than the steps with step caching)
 
     @property
     def ok(self) -> bool:
@@ -114,7 +115,7 @@ class Row:
                       "max_s": max(t) if t else None, "mean_s": statistics.fmean(t) if t else None},
             "speedup_vs_eager": self.speedup_vs_eager, "memory": self.memory, "flops": self.flops,
             "tflops": self.tflops, "pct_peak": self.pct_peak, "psnr": self.psnr, "max_abs_err": self.max_abs_err,
-            "setup_s": self.setup_s,
+            "setup_s": self.setup_s, "dit_calls": self.dit_calls,
         }
 
 
@@ -284,10 +285,11 @@ class Case:
     call: Callable[[], torch.Tensor]  # the timed work; returns the output to compare
     reset: Callable[[], None]  # untimed: restore the inputs, so every call does identical work
     shape: dict
+    info: dict = field(default_factory=dict)  # facts the call reports (e2e: dit_calls)
 
 
 def make_case(component: str, loaded: Loaded, inputs: Inputs, device: torch.device, width: int, height: int,
-              frame_num: int, sample_steps: int) -> Case:
+              frame_num: int, sample_steps: int, cache: tuple[str, float | None] = ("none", None)) -> Case:
     b = loaded.backends
     if component == "dit_step":
         return _dit_step_case(b.dit, inputs, device)
@@ -309,7 +311,7 @@ def make_case(component: str, loaded: Loaded, inputs: Inputs, device: torch.devi
         pixels = inputs.pixels.to(device)
         return Case(lambda: b.image_encoder(pixels), _noop, {"pixels": list(pixels.shape)})
     if component == "e2e":
-        return _e2e_case(loaded, inputs, device, width, height, frame_num, sample_steps)
+        return _e2e_case(loaded, inputs, device, width, height, frame_num, sample_steps, cache)
     raise ValueError(f"unknown component {component!r}")
 
 
@@ -349,7 +351,8 @@ def _dit_step_case(dit, inputs: Inputs, device: torch.device) -> Case:
     return Case(call, reset, shape)
 
 
-def _e2e_case(loaded: Loaded, inputs: Inputs, device, width, height, frame_num, sample_steps) -> Case:
+def _e2e_case(loaded: Loaded, inputs: Inputs, device, width, height, frame_num, sample_steps,
+              cache: tuple[str, float | None] = ("none", None)) -> Case:
     from wanrt.pipeline import FLF2VPipeline
     from wanrt.samples import SAMPLE_PROMPT
 
@@ -359,13 +362,17 @@ def _e2e_case(loaded: Loaded, inputs: Inputs, device, width, height, frame_num, 
         holder["pipe"] = FLF2VPipeline(loaded.backends, loaded.config, loaded.tokenizer, device,
                                        target=loaded.target)
 
+    info: dict = {}
+
     def call() -> torch.Tensor:
         video = holder["pipe"](*inputs.frames, SAMPLE_PROMPT, max_area=width * height, frame_num=frame_num,
-                               sample_steps=sample_steps, seed=0, progress=False)
+                               sample_steps=sample_steps, seed=0, progress=False, cache=cache[0],
+                               cache_threshold=cache[1])
+        info["dit_calls"] = video.dit_calls
         return torch.from_numpy(video.frames)
 
     return Case(call, reset, {"frames": [inputs.frames[0].width, inputs.frames[0].height], "frame_num": frame_num,
-                              "sample_steps": sample_steps, "output": [frame_num, height, width, 3]})
+                              "sample_steps": sample_steps, "output": [frame_num, height, width, 3]}, info)
 
 
 # --------------------------------------------------------------------------------------------- backends
@@ -533,13 +540,15 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
         warmup: int = 1, precision: str = "auto", device: str | torch.device | None = None,
         engine_dir: str | Path | None = None, sample_steps: int = 2, seed: int = 0, interleave: bool = True,
         json_path: str | Path | None = None, plot_path: str | Path | None = None,
-        log: Callable[[str], None] = print, command: str | None = None) -> Report:
+        log: Callable[[str], None] = print, command: str | None = None, cache: str = "none",
+        cache_threshold: float | None = None) -> Report:
     """Measure `what` for every backend; returns the Report (and writes JSON / PNG when paths are given).
 
     size (W, H) and frame_num default per model (see DEFAULT_TARGETS). precision 'auto': fp32 on the
     CPU, bf16 (the official precision map) on CUDA; the engines are built at the same precision.
     engine_dir: where engines (and random checkpoints) are built and reused; default a temp dir,
-    deleted afterwards. sample_steps: denoising steps of an e2e run.
+    deleted afterwards. sample_steps: denoising steps of an e2e run. cache, cache_threshold: step caching
+    of the e2e runs (runtime/cache.py); each e2e row records its DiT calls.
     """
     from wanrt.export.specs import PRECISIONS, Target
 
@@ -551,6 +560,9 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
     components = list(dict.fromkeys(c for w in wanted for c in WHAT[w]))
     if repeat < 1 or warmup < 0:
         raise ValueError(f"repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}")
+    from wanrt.runtime.cache import check as check_cache
+
+    check_cache(cache, cache_threshold)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -600,7 +612,7 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
                         rows[(name, c)].status = status
             for c in components:
                 _measure(c, loaded, rows, outputs, inputs, device, width, height, frame_num, sample_steps,
-                         warmup, repeat, log)
+                         warmup, repeat, log, (cache, cache_threshold))
             for name in list(loaded):
                 _release(loaded.pop(name), device)
         _finish(rows, outputs, components, names)
@@ -613,7 +625,8 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
         "frame_num": frame_num, "latent": list(flops_mod.latent_shape(height, width, frame_num)),
         "tokens": flops_mod.dit_tokens(cfg, height, width, frame_num), "precision": precision,
         "backends": names, "components": components, "repeat": repeat, "warmup": warmup,
-        "interleave": interleave, "sample_steps": sample_steps, "seed": seed,
+        "interleave": interleave, "sample_steps": sample_steps, "seed": seed, "cache": cache,
+        "cache_threshold": cache_threshold,
         "engine_dir": None if temp else str(work),
         "dit_step": f"CFGStep.step(): batch-2 DiT + guidance {GUIDE_SCALE} + UniPC update (step {STEP_INDEX} "
                     f"of {SCHEDULE_STEPS}, shift {SHIFT}), no CUDA graph",
@@ -631,13 +644,13 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
 
 
 def _measure(component, loaded: dict[str, Loaded], rows, outputs, inputs, device, width, height, frame_num,
-             sample_steps, warmup, repeat, log) -> None:
+             sample_steps, warmup, repeat, log, cache: tuple[str, float | None] = ("none", None)) -> None:
     cases: dict[str, Case] = {}
     for name, ld in loaded.items():
         row = rows[(name, component)]
         row.setup_s = round(ld.setup_s, 3)
         try:
-            cases[name] = make_case(component, ld, inputs, device, width, height, frame_num, sample_steps)
+            cases[name] = make_case(component, ld, inputs, device, width, height, frame_num, sample_steps, cache)
             row.shape = cases[name].shape
         except Exception as e:  # noqa: BLE001
             row.status = _classify(e)
@@ -678,6 +691,7 @@ def _measure(component, loaded: dict[str, Loaded], rows, outputs, inputs, device
         if probe.kind == "cuda":
             row.memory["device_used_bytes"] = max(x[2] or 0 for x in p)
         outputs[(name, component)] = last[name].detach().to("cpu").clone()
+        row.dit_calls = cases[name].info.get("dit_calls")
         log(f"{name} {component}: median {row.median_s * 1e3:.2f} ms over {len(row.times_s)} runs")
 
 

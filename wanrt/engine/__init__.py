@@ -89,6 +89,11 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
                 log(f"{key}: up to date")
             else:
                 todo.append((c, g))
+    if "dit" in components:
+        from .exporter import time_module, write_time_table
+
+        write_time_table(manifest, (lambda: models.dit) if models is not None else (lambda: time_module(ckpt)),
+                         force, log)
     if not todo:
         return manifest
     if models is None:

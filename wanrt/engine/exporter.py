@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
+
 from wanrt.export import _copy_tokenizer, _fetcher, graph_file, graph_key
 from wanrt.export.specs import (
     COMPONENTS,
@@ -93,7 +95,55 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
                             export_seconds=round(time.perf_counter() - t0, 2))
             log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "
                 f"{time.perf_counter() - t0:.1f} s)")
+    if "dit" in components:
+        write_time_table(manifest, lambda: time_module(ckpt), force, log)
     return manifest
+
+
+TIME_TABLE = "dit_time.safetensors"
+
+
+def time_module(ckpt) -> torch.nn.Module:
+    """The checkpoint's DiT with only its time-embedding layers loaded (fp32, CPU; the rest stays on meta)."""
+    from wanrt.models.dit import WanDiT
+
+    with torch.device("meta"):
+        dit = WanDiT(ckpt.config.dit)
+    weights = ckpt.weights("dit")
+    for part in (dit.time_embedding, dit.time_projection):
+        part.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if name.startswith(("time_embedding.", "time_projection.")):
+                value = weights[name] if isinstance(weights, dict) else weights.read(name)
+                param.copy_(value.float())
+    dit.time_table = dit.derived_buffers("cpu")["time_table"]
+    return dit
+
+
+def write_time_table(manifest, dit: Callable[[], torch.nn.Module], force: bool = False,
+                     log: Callable[[str], None] = print) -> None:
+    """Write the DiT's time embeddings e (1001, dim) and e0 (1001, 6, dim) of every integer timestep,
+    fp32, as the engine dir's `dit_time` table (manifest section "tables"). Step caching measures them
+    (wanrt/runtime/cache.py); an engine's DiT graph takes t as an input but does not return them."""
+    import os
+
+    from safetensors.torch import save_file
+
+    if not force and manifest.is_current("tables", "dit_time"):
+        log("dit_time: up to date")
+        return
+    model = dit()
+    with torch.no_grad():
+        t = torch.arange(model.cfg.num_train_timesteps + 1, device=model.time_table.device)
+        e, e0 = model.embed_time(t)
+    path = manifest.root / TIME_TABLE
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"e": e.float().cpu().contiguous(), "e0": e0.float().cpu().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    manifest.data.setdefault("tables", {})
+    manifest.record("tables", "dit_time", [TIME_TABLE], timesteps=len(t), dtype="float32")
+    log(f"dit_time: {TIME_TABLE} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def _calibration(path: Path) -> dict:

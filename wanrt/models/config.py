@@ -122,6 +122,50 @@ class CLIPConfig:
 
 
 @dataclass(frozen=True)
+class TeaCacheConfig:
+    """TeaCache step-caching parameters of one model (see wanrt/runtime/cache.py for the rule).
+
+    indicator: which timestep embedding the change is measured on: "e" (B, dim), the embedding the head is
+    modulated with, or "e0" (B, 6, dim), the projection every block's modulation adds. coefficients: the
+    rescaling polynomial, highest power first (numpy.polyval order), fitted from indicator change to
+    output change. first_steps / last_steps: always computed. threshold: the documented default.
+    """
+
+    coefficients: tuple[float, ...]
+    indicator: str = "e"
+    first_steps: int = 1
+    last_steps: int = 1
+    threshold: float = 0.2
+    source: str = ""
+
+
+# TeaCache coefficients per DiT architecture (dim, num_layers, ffn_dim).
+TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
+    # Wan2.1 14B 720p image-to-video (FLF2V-14B-720P is fine-tuned from it and shares its time embedding
+    # layers' shapes): the published I2V-720P coefficients of the TeaCache authors, non-"ret_steps"
+    # variant (indicator e, step 0 and the last step always computed). Source: github.com/ali-vilab/TeaCache,
+    # TeaCache4Wan2.1/teacache_generate.py (commit 7c10efc), `'720P' in args.ckpt_dir` branch; their README
+    # runs it at thresholds 0.2 (~1.9x) and 0.3 (~2.5x) on I2V-14B-720P.
+    (5120, 40, 13824): TeaCacheConfig(
+        coefficients=(-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+        indicator="e", first_steps=1, last_steps=1, threshold=0.2,
+        source="ali-vilab/TeaCache TeaCache4Wan2.1/teacache_generate.py, i2v 720P"),
+    # BEGIN tiny teacache (written by scripts/fit_teacache.py; do not edit by hand)
+    # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0019
+    (128, 4, 384): TeaCacheConfig(
+        coefficients=(9.31095718e+00, -2.91002070e+00, -1.66262749e-02, 2.34556900e-01, -8.71930818e-04),
+        indicator="e", first_steps=1, last_steps=1, threshold=0.02,
+        source="scripts/fit_teacache.py"),
+    # END tiny teacache
+}
+
+
+def teacache_config(dit: DiTConfig) -> TeaCacheConfig | None:
+    """The TeaCache parameters fitted for this DiT architecture, or None (no fit exists)."""
+    return TEACACHE.get((dit.dim, dit.num_layers, dit.ffn_dim))
+
+
+@dataclass(frozen=True)
 class WanConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)

@@ -27,6 +27,10 @@ class CFGParallelDiT:
     def model(self):
         return self.dit.model
 
+    def time_embeddings(self, timesteps: torch.Tensor):
+        """The wrapped DiT's (a step cache's decisions are the same on both ranks: they depend only on these)."""
+        return self.dit.time_embeddings(timesteps)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
         """Inputs batch 2 ([cond, uncond]) -> prediction (2, 16, F, H, W), identical on both ranks."""

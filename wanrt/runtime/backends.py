@@ -71,6 +71,11 @@ class EagerDiT:
         return self.model(x, t, context, clip_fea, y, rope=self.rope(x))
 
     @torch.no_grad()
+    def time_embeddings(self, timesteps):
+        """e (n, dim), e0 (n, 6, dim) of integer timesteps: what a step cache measures (runtime/cache.py)."""
+        return self.model.embed_time(timesteps)
+
+    @torch.no_grad()
     def bind(self, context, clip_fea, y, timesteps):
         """A `(x, t) -> velocity` for one request; t must be one of `timesteps` (looked up on the device)."""
         m = self.model
@@ -140,6 +145,25 @@ class GraphSingle:
         return self.call(*tensors)[0]
 
 
+class GraphDiT(GraphSingle):
+    """The DiT graph, plus the engine dir's time-embedding table (e, e0 of every integer timestep,
+    written next to the graphs at export/build) that a step cache measures; None if the dir has none."""
+
+    def __init__(self, graph, time_table: tuple[torch.Tensor, torch.Tensor] | None = None, root=None):
+        super().__init__(graph, borrow=True)  # the step consumes the velocity at once
+        self.time_table = time_table
+        self.root = root
+
+    def time_embeddings(self, timesteps):
+        if self.time_table is None:
+            from wanrt.runtime.cache import CacheError, missing_table
+
+            raise CacheError(missing_table(self.root))
+        e, e0 = self.time_table
+        rows = timesteps.to(e.device, torch.long)
+        return e[rows], e0[rows]
+
+
 class GraphVAE:
     """The four VAE chunk graphs as a VAEBackend (first chunk: no caches in). Latents, frames and caches
     are fresh tensors (the contract's `graph(...)`): decode_chunks keeps every chunk and feeds caches back."""
@@ -158,9 +182,10 @@ class GraphVAE:
 
 
 
-def graph_backends(graphs: dict) -> dict:
+def graph_backends(graphs: dict, time_table=None, root=None) -> dict:
     """{component: backend} from contract graphs (wanrt.engine.graph.ContractGraph: ONNX Runtime sessions,
-    AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES (a subset is fine)."""
+    AOTInductor packages, TensorRT plans) keyed by GRAPH_NAMES (a subset is fine). time_table: the engine
+    dir's DiT time embeddings (step caching), root: the engine dir, for messages."""
     from wanrt.engine.graph import ContractGraph
 
     loose = sorted(n for n, g in graphs.items() if not isinstance(g, ContractGraph))
@@ -172,7 +197,7 @@ def graph_backends(graphs: dict) -> dict:
     if "clip" in graphs:
         out["image_encoder"] = GraphSingle(graphs["clip"])
     if "dit" in graphs:
-        out["dit"] = GraphSingle(graphs["dit"], borrow=True)  # the step consumes it at once
+        out["dit"] = GraphDiT(graphs["dit"], time_table, root)  # borrowed output: the step consumes it at once
     if "vae_decoder" in graphs:
         out["vae"] = GraphVAE(graphs["vae_encoder_first"], graphs["vae_encoder"], graphs["vae_decoder_first"],
                               graphs["vae_decoder"])
@@ -228,7 +253,20 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
         from wanrt.engine import loader
 
         loaded = loader.load(backend, m, target, device, graphs)
-    return graph_backends(loaded), config, tokenizer, target
+    time_table = load_time_table(m) if "dit" in components else None
+    return graph_backends(loaded, time_table, engine_dir), config, tokenizer, target
+
+
+def load_time_table(m) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(e, e0) of every integer timestep from the engine dir's `dit_time` entry (sha256 checked), on the
+    CPU (a step cache reads it once per request); None for engine dirs made before it existed."""
+    from safetensors.torch import load_file
+
+    if m.entry("tables", "dit_time") is None:
+        return None
+    entry = m.verify_files("tables", "dit_time")
+    t = load_file(str(m.root / next(iter(entry["files"]))))
+    return t["e"], t["e0"]
 
 
 def _pick_profile(m, width, height, frame_num):

@@ -6,6 +6,10 @@ placed into fixed buffers once. A step reads the step index `k` from a device te
 timestep, calls the DiT once, combines `uncond + g * (cond - uncond)`, updates the latent in place
 with the scheduler's precomputed coefficients and increments `k`: no host logic, no shape logic, no
 new buffers of our own. On CUDA the whole step is captured once as a CUDA graph and replayed.
+
+With a step cache (runtime/cache.py) the request's decisions are known before the loop: a computed
+step calls the DiT and stores every branch's prediction, a cached step reuses it. Each kind of step is
+its own CUDA graph.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class CFGStep:
     """Advances `self.latent` (1, 16, T, h, w) fp32 from sigma_k to sigma_{k+1} in place, k = 0, 1, ..."""
 
     def __init__(self, dit, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, guide_scale: float,
-                 scheduler, latent: torch.Tensor):
+                 scheduler, latent: torch.Tensor, cache_plan: list[bool] | None = None):
         device = latent.device
         self.device = device
         self.guide_scale = torch.tensor(float(guide_scale), device=device)  # a tensor: no per-step scalar boxing
@@ -49,13 +53,27 @@ class CFGStep:
 
             self.call = call
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.cache = None  # a StepCache when some step reuses a prediction
+        if cache_plan is not None:
+            from wanrt.runtime.cache import StepCache
 
-    def step(self) -> None:
-        """One step at index self.k (device-side); every op is capturable."""
+            if len(cache_plan) != self.num_steps:
+                raise ValueError(f"cache plan of {len(cache_plan)} steps for a {self.num_steps}-step schedule")
+            self.cache = StepCache(cache_plan, self.x)
+        self.dit_calls = 0  # DiT forward calls made (a batched CFG call counts once)
+
+    def step(self, compute: bool = True) -> None:
+        """One step at index self.k (device-side); every op is capturable. compute=False: reuse the
+        cached prediction instead of calling the DiT (only with a step cache)."""
         torch.index_select(self.timesteps, 0, self.k, out=self.t[:1])
         self.t[1:].copy_(self.t[:1])
         self.x.copy_(self.latent.expand_as(self.x))
-        pred = self.call(self.x, self.t)  # (2, 16, T, h, w)
+        if compute:
+            pred = self.call(self.x, self.t)  # (2, 16, T, h, w)
+            if self.cache is not None:
+                self.cache.store(self.x, pred)
+        else:
+            pred = self.cache.predict(self.x)
         torch.sub(pred[0:1], pred[1:2], out=self.guided)
         self.guided.mul_(self.guide_scale).add_(pred[1:2])
         self.scheduler.step_with_state(self.k, self.guided, self.latent, self.state)
@@ -64,24 +82,31 @@ class CFGStep:
     def run(self, cuda_graph: bool = True, cancel: threading.Event | None = None, progress=None) -> torch.Tensor:
         """All steps. On CUDA (and cuda_graph, and a DiT backend that can be captured): step 0 runs
         eagerly on a side stream (it is also the warm-up), step 1 is captured, and the graph is
-        replayed for steps 1..n-1."""
+        replayed for steps 1..n-1. With a step cache the same happens per kind of step: the first
+        computed and the first cached step run eagerly, then each kind is captured once and replayed."""
         use_graph = cuda_graph and self.capturable and self.device.type == "cuda" and self.num_steps > 1
+        plan = self.cache.plan if self.cache is not None else [True] * self.num_steps
+        graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # one per kind of step: computed, cached
         for i in range(self.num_steps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled after {i} of {self.num_steps} steps")
-            if i == 0 and use_graph:
+            kind = plan[i]
+            if use_graph and kind in graphs:
+                graphs[kind].replay()
+            elif use_graph and kind in plan[i + 1:]:  # first of its kind, and it recurs: run it, then capture
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    self.step()
+                    self.step(kind)
                 torch.cuda.current_stream(self.device).wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.step()  # recorded, not run: the state still holds step 0's result
-            elif use_graph:
-                self.graph.replay()
+                graphs[kind] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[kind]):
+                    self.step(kind)  # recorded, not run: the state still holds this step's result
+                if kind:
+                    self.graph = graphs[kind]
             else:
-                self.step()
+                self.step(kind)
+            self.dit_calls += kind
             if progress is not None:
                 progress()
         return self.latent
