@@ -8,7 +8,8 @@
 POST /generate takes a JSON object (schema: `GenerateRequest`; GET /openapi.json has it):
 first_frame / last_frame (base64 PNG/JPEG; both or neither: the built-in sample frames), prompt, and
 any of negative_prompt, max_area, frame_num, sample_steps, sample_shift, guide_scale, sample_solver,
-seed, timeout_s, cache, cache_threshold. It answers `video/mp4`, or JSON `{"error": "..."}` naming the field or the problem:
+seed, timeout_s, cache, cache_threshold. It answers `video/mp4`, or JSON `{"error": "..."}` naming
+the field or the problem:
 400 bad request (a value the pipeline refuses), 413 body over --max_body_mb (refused from its
 Content-Length, before it is read), 422 wrong type / unknown key / non-finite number, 503 queue full
 (--max_queue requests waiting or running), 504 cancelled after timeout_s, 500 the model failed (e.g.
