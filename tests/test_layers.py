@@ -20,7 +20,7 @@ PREFIXES = {  # module (or package) -> layer
     "wanrt.kernels": "kernels", "wanrt.models": "models", "wanrt.export": "export", "wanrt.engine": "engine",
     "wanrt.runtime": "runtime", "wanrt.pipeline": "pipeline", "wanrt.calibration": "calibration",
     "wanrt.parallel": "parallel", "wanrt.bench": "bench", "wanrt.cli": "cli", "wanrt.__main__": "cli",
-    "wanrt.doctor": "cli", "wanrt.tiny": "cli",  # the tiny-model trainer is a tool on top of everything
+    "wanrt.doctor": "cli", "wanrt.serve": "cli", "wanrt.tiny": "cli",  # tiny: the trainer, a tool on top
     "wanrt.tiny.data": "base",  # numpy rendering of the synthetic clips (the sample frames use it)
 }
 BASE = ("wanrt", "wanrt._files", "wanrt.metrics", "wanrt.samples", "wanrt.video", "wanrt.schedulers")
