@@ -183,7 +183,8 @@ class FLF2VPipeline:
                         backend: str = "eager", engine_dir: str | Path | None = None,
                         size: tuple[int, int] | None = None, frame_num: int | None = None,
                         memory: str = "resident", cuda_graphs: bool = True,
-                        overrides: dict[str, str] | None = None) -> FLF2VPipeline:
+                        overrides: dict[str, str] | None = None, precision: str | None = None,
+                        fp8_keep: int = 0) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
@@ -193,7 +194,9 @@ class FLF2VPipeline:
         engines were built from). Such a pipeline is fixed to its profile's size and frame count.
         memory: 'resident' | 'sequential' | 't5_cpu' (see runtime/memory.py); cuda_graphs: capture the
         denoising step as one CUDA graph on CUDA (False to compare). overrides: per-component backends,
-        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae)."""
+        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae).
+        precision 'fp8' (eager DiT): the bf16 map with the DiT block GEMMs in FP8 (wanrt.kernels.fp8),
+        except the first and last `fp8_keep` blocks; engines carry the precision they were built with."""
         from wanrt.runtime.backends import COMPONENTS, Backends, eager, from_engine_dir
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -201,6 +204,11 @@ class FLF2VPipeline:
         unknown = sorted(set(choice) - set(COMPONENTS))
         if unknown:
             raise InputError(f"unknown component(s) {unknown} in the backend overrides; use {', '.join(COMPONENTS)}")
+        if precision not in (None, "fp8"):
+            raise InputError(f"precision must be None (dtype decides) or 'fp8', got {precision!r}")
+        if precision == "fp8" and choice["dit"] != "eager":
+            raise InputError("precision='fp8' quantises the eager DiT; an engine's DiT has the precision it was "
+                             "built with (wanrt build --precision fp8)")
         parts: dict = {}
         config = tokenizer = target = None
         for kind in sorted(set(choice.values()) - {"eager"}):
@@ -219,10 +227,10 @@ class FLF2VPipeline:
             if path is None:
                 raise InputError("a checkpoint path (or 'tiny') is needed for the eager backend")
             if dtype is None:
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                dtype = torch.bfloat16 if device.type == "cuda" or precision == "fp8" else torch.float32
             load_device = "cpu" if memory != "resident" else device  # offloaded models never all sit on the GPU
             models = load(path, device=load_device, dtype=dtype if dtype != torch.float32 else None,
-                          components=eager_parts)
+                          components=eager_parts, precision=precision, fp8_keep=fp8_keep)
             if memory != "resident" and models.dit is not None:
                 models.dit.to(device)
             ours = eager(models)
