@@ -70,6 +70,30 @@ def write(out: Path, name: str, doc) -> None:
 # ------------------------------------------------------------------------------------------- 1. GEMMs
 
 
+def gemm_cases(x: torch.Tensor, w: torch.Tensor, native: bool) -> dict:
+    """name -> callable computing x @ w.T (x: bf16 activations, w: bf16 weight) one way."""
+    from wanrt.kernels import fp8
+
+    wq_r, sw_r = fp8.quantize_rowwise(w)
+    wq_t, sw_t = fp8.quantize_tensorwise(w)
+    cases = {"bf16 matmul": lambda: x @ w.t()}
+    if native:
+        xq_t, sx_t = fp8.quantize_tensorwise(x)
+        xq_r, sx_r = fp8.quantize_rowwise(x)
+        for fast in (False, True):
+            tag = " fast-accum" if fast else ""
+            cases[f"_scaled_mm tensor-wise{tag} (GEMM only)"] = lambda fast=fast: torch._scaled_mm(
+                xq_t, wq_t.t(), scale_a=sx_t, scale_b=sw_t, out_dtype=torch.bfloat16, use_fast_accum=fast)
+            cases[f"_scaled_mm row-wise{tag} (GEMM only)"] = lambda fast=fast: torch._scaled_mm(
+                xq_r, wq_r.t(), scale_a=sx_r, scale_b=sw_r.view(1, -1), out_dtype=torch.bfloat16,
+                use_fast_accum=fast)
+        cases["tensor-wise incl. quantising x"] = lambda: _tensorwise_incl_quant(x, wq_t, sw_t)
+    # the eager FP8Linear call as the DiT runs it (row-wise, x quantised per token inside the call)
+    cases["row-wise incl. quantising x (FP8Linear)"] = lambda: fp8.scaled_mm(
+        *fp8.quantize_rowwise(x), wq_r, sw_r, None, torch.bfloat16)
+    return cases
+
+
 def bench_gemm(device, tokens: int, dim: int, ffn: int, iters: int) -> list[dict]:
     from wanrt.kernels import fp8
 
@@ -81,29 +105,11 @@ def bench_gemm(device, tokens: int, dim: int, ffn: int, iters: int) -> list[dict
         w = (torch.randn(n, k, device=device, generator=g) / math.sqrt(k)).bfloat16()
         flops = 2 * tokens * n * k
         ref = x @ w.t()
-        cases = {"bf16 matmul": lambda: x @ w.t()}
-        wq_r, sw_r = fp8.quantize_rowwise(w)
-        wq_t, sw_t = fp8.quantize_tensorwise(w)
-        if native:
-            xq_t, sx_t = fp8.quantize_tensorwise(x)
-            xq_r, sx_r = fp8.quantize_rowwise(x)
-            for fast in (False, True):
-                tag = " fast-accum" if fast else ""
-                cases[f"_scaled_mm tensor-wise{tag} (GEMM only)"] = lambda fast=fast: torch._scaled_mm(
-                    xq_t, wq_t.t(), scale_a=sx_t, scale_b=sw_t, out_dtype=torch.bfloat16, use_fast_accum=fast)
-                cases[f"_scaled_mm row-wise{tag} (GEMM only)"] = lambda fast=fast: torch._scaled_mm(
-                    xq_r, wq_r.t(), scale_a=sx_r, scale_b=sw_r.view(1, -1), out_dtype=torch.bfloat16,
-                    use_fast_accum=fast)
-            cases["tensor-wise incl. quantising x"] = lambda: _tensorwise_incl_quant(x, wq_t, sw_t)
-        # the eager FP8Linear call as the DiT runs it (row-wise, x quantised per token inside the call)
-        cases["row-wise incl. quantising x (FP8Linear)"] = lambda: fp8.scaled_mm(
-            *fp8.quantize_rowwise(x), wq_r, sw_r, None, torch.bfloat16)
-        for name, fn in cases.items():
+        for name, fn in gemm_cases(x, w, native).items():
             s = timed(fn, device, iters)
             rows.append({"gemm": what, "m": tokens, "k": k, "n": n, "case": name, "ms": round(s * 1e3, 3),
                          "tflops": round(flops / s / 1e12, 1), "rel_l2_vs_bf16": float(f"{rel_l2(fn(), ref):.3e}")})
             print(json.dumps(rows[-1]), flush=True)
-        del x, w, ref
     return rows
 
 
@@ -270,14 +276,17 @@ def main() -> int:
 
     if args.dry_run:
         device, cfg, size = torch.device("cpu"), WanConfig.tiny(), TOY
-        tokens, iters, length, ref_rows = 2 * 9 * 6 * 8 // 4 * 4, 1, 256, 64
+        iters, length, ref_rows = 1, 256, 64
     else:
         if not torch.cuda.is_available():
             print("error: gpu_precision.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
             return 2
         device, cfg, size = torch.device("cuda"), WanConfig.flf2v_14b(), REAL
-        tokens, iters, length, ref_rows = 2 * 75_600, 3, 75_600, 512
+        iters, length, ref_rows = 3, 75_600, 512
     d = cfg.dit
+    from wanrt.bench.flops import dit_tokens
+
+    tokens = 2 * dit_tokens(cfg, size["height"], size["width"], size["frame_num"])  # batch 2: 151,200 at 720p
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}: "
           f"{cfg.name}, {size}", flush=True)
     command = " ".join(["python", "benchmarks/gpu_precision.py", *sys.argv[1:]])
