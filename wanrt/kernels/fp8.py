@@ -70,8 +70,10 @@ def scaled_mm_emulated(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw:
 
 def scaled_mm(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
               out_dtype: torch.dtype) -> torch.Tensor:
-    """(M, K) x (N, K)^T with row-wise scales: torch._scaled_mm on CUDA sm89+, `scaled_mm_emulated` elsewhere."""
-    if xq.is_cuda and _native_shape_ok(xq.shape[1], wq.shape[0]) and native_supported(xq.device):
+    """(M, K) x (N, K)^T with row-wise scales: torch._scaled_mm on CUDA sm89+, `scaled_mm_emulated` elsewhere
+    (and for outputs other than bf16: row-wise _scaled_mm produces bf16 only)."""
+    if xq.is_cuda and out_dtype == torch.bfloat16 and _native_shape_ok(xq.shape[1], wq.shape[0]) \
+            and native_supported(xq.device):
         return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1),
                                 bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                                 use_fast_accum=FAST_ACCUM)
@@ -142,6 +144,9 @@ def quantize_linears(module: nn.Module) -> int:
                 if fp8.weight.is_cuda and not _native_shape_ok(fp8.in_features, fp8.out_features):
                     warnings.warn(f"{name}: {fp8.in_features}->{fp8.out_features} is not a multiple of 16; "
                                   "its FP8 GEMM runs emulated (fp32 matmul of the e4m3 values)", stacklevel=2)
+                if fp8.weight.is_cuda and fp8.out_dtype != torch.bfloat16:
+                    warnings.warn(f"{name}: row-wise _scaled_mm outputs bf16 only; this {fp8.out_dtype} FP8 "
+                                  "GEMM runs emulated (load with the bf16 map)", stacklevel=2)
                 setattr(parent, name, fp8)
                 count += 1
     return count
