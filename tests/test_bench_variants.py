@@ -62,3 +62,12 @@ def report_config():
     from wanrt.models.loading import Checkpoint
 
     return Checkpoint("tiny-random").config
+
+
+def test_command_line_records_the_new_options():
+    from wanrt.bench.cli import command_line
+
+    cmd = command_line("tiny", (64, 48), 9, "eager,eager+fp8", "dit_step", 1, 0, "fp8", True, 2, fp8_keep=1,
+                       profile=True)
+    assert "--precision fp8" in cmd and "--fp8_keep 1" in cmd and cmd.endswith("--profile")
+    assert "--fp8_keep" not in command_line("tiny", (64, 48), 9, "eager", "dit_step", 1, 0, "auto", True, 2)
