@@ -14,6 +14,7 @@ Q/DQ path (TensorRT) is wanrt/export/fp8.py and shares nothing but the e4m3 form
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -52,7 +53,12 @@ def quantize_tensorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def native_supported(device: torch.device | str) -> bool:
     """True where torch._scaled_mm runs e4m3 GEMMs: CUDA compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:  # asked once per device, not once per GEMM
+    return torch.cuda.get_device_capability(index)
 
 
 def _native_shape_ok(k: int, n: int) -> bool:
