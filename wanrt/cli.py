@@ -325,7 +325,8 @@ def build(
     backend: Annotated[str, typer.Option("--backend", help="tensorrt or aoti.")] = "tensorrt",
     size: ExactSizeOpt = "1280*720",
     frame_num: FrameNumOpt = 81,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt).")] = "bf16",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt: calibrated Q/DQ; "
+                                           "aoti: the eager FP8 DiT, dynamic per-token scales).")] = "bf16",
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     device: Annotated[str | None, typer.Option("--device", help="aoti: cpu or cuda (default: cuda if any).")] = None,
