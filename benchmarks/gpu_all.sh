@@ -53,7 +53,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 step gpu-tests 100 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
-    tests/test_precision.py
+    tests/test_precision.py tests/test_triton_quant.py
 
 step gpu-gemm-attention-profile 110 $PY benchmarks/gpu_precision.py --parts gemm,attention,profile --out "$OUT"
 

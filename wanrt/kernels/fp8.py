@@ -36,8 +36,28 @@ class FP8Error(RuntimeError):
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> (e4m3 (..., K), fp32 scale (..., 1)) with one scale per row: amax(|row|) / 448.
 
-    Two passes over x (a max-abs reduction without a temporary, then divide and cast). No clamp is
-    needed: |x| / (amax / 448) <= 448 up to one fp32 rounding, and 448 + ulp rounds to 448 in e4m3."""
+    CUDA, 2-D x: the one-pass Triton kernel (wanrt::quantize_rows, kernels/triton_quant.py), the same
+    numbers; elsewhere `quantize_rowwise_torch`."""
+    if x.is_cuda and x.dim() == 2 and _triton_quant():
+        return torch.ops.wanrt.quantize_rows(x)
+    return quantize_rowwise_torch(x)
+
+
+@functools.cache
+def _triton_quant() -> bool:
+    try:
+        from . import triton_quant  # noqa: F401  (registers wanrt::quantize_rows)
+    except ImportError as e:
+        warnings.warn(f"triton is unavailable ({e}): FP8 activations are quantised by torch (same values, "
+                      "two passes over each activation instead of one)", stacklevel=3)
+        return False
+    return True
+
+
+def quantize_rowwise_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference quantisation in torch. Two passes over x (a max-abs reduction without a temporary,
+    then divide and cast). No clamp is needed: |x| / (amax / 448) <= 448 up to one fp32 rounding, and
+    448 + ulp rounds to 448 in e4m3."""
     amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
     scale = amax.div(FP8_MAX).clamp(min=SCALE_MIN)
     return (x / scale).to(FP8), scale
