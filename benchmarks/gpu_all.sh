@@ -3,16 +3,17 @@
 # a command, 15 minutes a session; this script: < 8 minutes). Steps, most important first, each under a
 # timeout computed from what is left of the budget, so a slow or failing step never costs the ones after it:
 #   1. the GPU tests (pytest -m gpu): Triton kernels on real launches, torch.compile, CUDA graph replay,
-#      FP8 _scaled_mm vs its CPU emulation;
-#   2. benchmarks/gpu_precision.py --parts gemm,attention,profile: the GEMMs at the real shapes (M = 151,200;
-#      bf16 vs _scaled_mm tensor-wise / row-wise, quantisation included), attention at the real shape (cuDNN
-#      SDPA, our bf16 flash, our 8-bit sage) and the per-op-class profile of 2 full-size blocks;
-#   3. benchmarks/gpu_precision.py --parts steps: full 40-block CFG steps (random 14B weights, 1280*720 x 81
+#      FP8 _scaled_mm vs its CPU emulation, the one-pass FP8 quantisation kernel;
+#   2. benchmarks/gpu_precision.py --parts steps: full 40-block CFG steps (random 14B weights, 1280*720 x 81
 #      = 75,600 tokens, batch 2): eager, exact fused, fp8 GEMMs, fp8 GEMMs + 8-bit attention, `wanrt bench`
-#      JSON with s/step and error vs eager (dit-step.json);
-#   4. AOTInductor vs eager, bf16 and fp8, on the small random config at the full token count (a 40-block
-#      14B package does not compile within this budget);
-#   5. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video.
+#      JSON with s/step and error vs eager (dit-step.json, rewritten after each row);
+#   3. --parts attention,profile: attention at the real shape (cuDNN SDPA, our bf16 flash, our 8-bit sage)
+#      and the per-op-class profile of a 2-block full-width step (eager, fp8 + fused + sage);
+#   4. --parts gemm: the GEMMs at the real shapes (M = 151,200; bf16 vs _scaled_mm tensor-wise / row-wise,
+#      fast accumulation or not, quantisation included);
+#   5. AOTInductor vs eager (bf16 reference, eager+fp8, aoti fp8) on the small random config at the full
+#      token count (a 40-block 14B package does not compile within this budget);
+#   6. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video.
 # Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results/<gpu>-<date>.
 #
 # Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels]');
@@ -52,12 +53,15 @@ step() {  # step NAME CAP CMD...: run CMD under min(CAP, budget left); log to $O
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step gpu-tests 100 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
+step gpu-tests 80 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
     tests/test_precision.py tests/test_triton_quant.py
 
-step gpu-gemm-attention-profile 110 $PY benchmarks/gpu_precision.py --parts gemm,attention,profile --out "$OUT"
+step gpu-dit-steps 250 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT"
 
-step gpu-dit-steps 230 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT"
+step gpu-attention-profile 80 $PY benchmarks/gpu_precision.py --parts attention,profile --out "$OUT"
+
+# its own process: a _scaled_mm fault (e.g. pytorch#133334, row-wise with M % 256 != 0) cannot take others down
+step gpu-gemm 50 $PY benchmarks/gpu_precision.py --parts gemm --out "$OUT"
 
 step gpu-aoti-small-720p 150 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
     --backends eager,aoti --precision fp8 --what dit_step --repeat 2 --warmup 1 --json "$OUT/gpu-aoti-small-720p.json"
