@@ -98,8 +98,9 @@ def scaled_mm(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Te
               out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) x (N, K)^T with row-wise scales: torch._scaled_mm on CUDA sm89+, `scaled_mm_emulated` elsewhere
     (and for outputs other than bf16: row-wise _scaled_mm produces bf16 only)."""
-    if xq.is_cuda and out_dtype == torch.bfloat16 and _native_shape_ok(xq.shape[1], wq.shape[0]) \
-            and native_supported(xq.device):
+    if xq.is_cuda and not native_supported(xq.device):
+        check_device(xq.device)  # raises: an FP8 model moved onto a GPU without e4m3 GEMMs
+    if xq.is_cuda and out_dtype == torch.bfloat16 and _native_shape_ok(xq.shape[1], wq.shape[0]):
         return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.view(1, -1),
                                 bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                                 use_fast_accum=FAST_ACCUM)
