@@ -199,54 +199,70 @@ def step_rows(cfg, models, device, size, variants, repeat: int, warmup: int, pro
     lease is short). on_row(rows, info) after each variant, so a timeout keeps the finished rows."""
     from wanrt.bench.flops import component_flops
     from wanrt.bench.hardware import describe
-    from wanrt.bench.runner import Row, _compare, _dit_step_case, make_inputs
-    from wanrt.kernels import attention
-    from wanrt.runtime.backends import eager
+    from wanrt.bench.runner import Row, _compare, make_inputs
 
     info = describe(device)
     inputs = make_inputs(cfg, size["width"], size["height"], size["frame_num"], seed=0)
     flops = component_flops("dit_step", cfg, size["height"], size["width"], size["frame_num"], 2)
     rows, ref, seen = [], None, set()
     for variant in variants:
-        transform(models, variant)
-        new_kernel = _attention_of(variant) not in seen
-        seen.add(_attention_of(variant))
-        calls_before = warmup if new_kernel else 0
-        row = Row(variant, "dit_step", device=info.label, flops=flops, peak_tflops=info.peak_bf16_tflops)
-        case = _dit_step_case(eager(models).dit, inputs, device)
-        row.shape = case.shape
-        with torch.no_grad(), attention.use(_attention_of(variant)):
-            for r in range(calls_before + repeat):
-                case.reset()
-                _sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                out = case.call()
-                _sync(device)
-                if r >= calls_before:
-                    row.times_s.append(time.perf_counter() - t0)
-            if profile:
-                from wanrt.bench.profile import profile_call
-
-                case.reset()
-                row.profile = profile_call(case.call, device)
-        if device.type == "cuda":
-            row.memory = {"kind": "cuda", "peak_bytes": torch.cuda.max_memory_allocated(device), "delta_bytes": 0,
-                          "load_bytes": torch.cuda.memory_allocated(device)}
-        out = out.detach().float().cpu()
+        try:
+            row, out = _one_variant(variant, models, inputs, device, info, flops, repeat, warmup, profile, seen)
+        except Exception as e:  # noqa: BLE001 - recorded in the row; the next variants still run
+            row = Row(variant, "dit_step", status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                      device=info.label, flops=flops, peak_tflops=info.peak_bf16_tflops)
+            print(f"{variant}: {row.status}", flush=True)
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows, info)
+            continue
         if ref is None:
             ref = out
+            row.speedup_vs_eager = 1.0
         else:
             row.psnr, row.max_abs_err, row.rel_l2 = _compare(out, ref, "dit_step")
-            row.speedup_vs_eager = round(rows[0].median_s / row.median_s, 4)
-        if not rows:
-            row.speedup_vs_eager = 1.0
+            if rows and rows[0].ok:
+                row.speedup_vs_eager = round(rows[0].median_s / row.median_s, 4)
         rows.append(row)
         print(f"{variant}: {row.median_s:.3f} s/step, rel L2 vs eager {row.rel_l2}", flush=True)
         if on_row is not None:
             on_row(rows, info)
     return rows, info
+
+
+def _one_variant(variant, models, inputs, device, info, flops, repeat, warmup, profile, seen):
+    """Transform the model into `variant`, time its step, profile it; -> (row, output on the CPU)."""
+    from wanrt.bench.runner import Row, _dit_step_case
+    from wanrt.kernels import attention
+    from wanrt.runtime.backends import eager
+
+    transform(models, variant)
+    new_kernel = _attention_of(variant) not in seen
+    seen.add(_attention_of(variant))
+    calls_before = warmup if new_kernel else 0
+    row = Row(variant, "dit_step", device=info.label, flops=flops, peak_tflops=info.peak_bf16_tflops)
+    case = _dit_step_case(eager(models).dit, inputs, device)
+    row.shape = case.shape
+    with torch.no_grad(), attention.use(_attention_of(variant)):
+        for r in range(calls_before + repeat):
+            case.reset()
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            out = case.call()
+            _sync(device)
+            if r >= calls_before:
+                row.times_s.append(time.perf_counter() - t0)
+        if profile:
+            from wanrt.bench.profile import profile_call
+
+            case.reset()
+            row.profile = profile_call(case.call, device)
+    if device.type == "cuda":
+        row.memory = {"kind": "cuda", "peak_bytes": torch.cuda.max_memory_allocated(device), "delta_bytes": 0,
+                      "load_bytes": torch.cuda.memory_allocated(device)}
+    return row, out.detach().float().cpu()
 
 
 def report_json(rows, info, cfg, size, variants, repeat, warmup, command, notes) -> dict:
