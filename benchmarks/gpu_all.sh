@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement behind the README, in ONE call that fits a short device lease (10 minutes
-# a command, 15 minutes a session). Steps, most important first, each under a timeout computed from what
-# is left of the budget, so a slow or failing step never costs the ones after it:
-#   1. the GPU tests (pytest -m gpu): Triton kernels on real launches, torch.compile, CUDA graph replay;
-#   2. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video
-#      (benchmarks/gpu_pipeline.py);
-#   3. the full-size DiT CFG step (random 14B weights, 1280*720 x 81 = 75,600 tokens, batch 2), eager bf16;
-#   4. the Triton kernels vs PyTorch at the 14B attention shapes (benchmarks/gpu_kernels.py);
-#   5. the small random config at the full token count, eager vs an AOTInductor package built on the spot.
-# Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results.
+# a command, 15 minutes a session; this script: < 8 minutes). Steps, most important first, each under a
+# timeout computed from what is left of the budget, so a slow or failing step never costs the ones after it:
+#   1. the GPU tests (pytest -m gpu): Triton kernels on real launches, torch.compile, CUDA graph replay,
+#      FP8 _scaled_mm vs its CPU emulation, the one-pass FP8 quantisation kernel;
+#   2. benchmarks/gpu_precision.py --parts steps: full 40-block CFG steps (random 14B weights, 1280*720 x 81
+#      = 75,600 tokens, batch 2): eager, exact fused, fp8 GEMMs, fp8 GEMMs + 8-bit attention, `wanrt bench`
+#      JSON with s/step and error vs eager (dit-step.json, rewritten after each row);
+#   3. --parts attention,profile: attention at the real shape (cuDNN SDPA, our bf16 flash, our 8-bit sage)
+#      and the per-op-class profile of a 2-block full-width step (eager, fp8 + fused + sage);
+#   4. --parts gemm: the GEMMs at the real shapes (M = 151,200; bf16 vs _scaled_mm tensor-wise / row-wise,
+#      fast accumulation or not, quantisation included);
+#   5. AOTInductor vs eager (bf16 reference, eager+fp8, aoti fp8) on the small random config at the full
+#      token count (a 40-block 14B package does not compile within this budget);
+#   6. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video.
+# Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results/<gpu>-<date>.
 #
 # Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels]');
 # PYTHON picks it, PYTHONPATH gets this tree so the checkout runs without installing.
@@ -17,7 +23,9 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-OUT=${OUT:-benchmarks/results}
+GPU_SLUG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' \
+    | sed -E 's/nvidia//; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+OUT=${OUT:-benchmarks/results/${GPU_SLUG:-gpu}-$(date +%F)}
 BUDGET=${BUDGET:-470}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,19 +53,22 @@ step() {  # step NAME CAP CMD...: run CMD under min(CAP, budget left); log to $O
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step gpu-tests 120 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py
+step gpu-tests 80 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
+    tests/test_precision.py tests/test_triton_quant.py
+
+step gpu-dit-steps 250 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT"
+
+step gpu-attention-profile 80 $PY benchmarks/gpu_precision.py --parts attention,profile --out "$OUT"
+
+# its own process: a _scaled_mm fault (e.g. pytorch#133334, row-wise with M % 256 != 0) cannot take others down
+step gpu-gemm 50 $PY benchmarks/gpu_precision.py --parts gemm --out "$OUT"
+
+step gpu-aoti-small-720p 150 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
+    --backends eager,aoti --precision fp8 --what dit_step --repeat 2 --warmup 1 --json "$OUT/gpu-aoti-small-720p.json"
 
 step gpu-pipeline 80 $PY benchmarks/gpu_pipeline.py --json "$OUT/gpu-pipeline.json"
 
-step gpu-14b-dit-step 170 $PY -m wanrt.bench --ckpt_dir random:flf2v-14b --size '1280*720' --frame_num 81 \
-    --backends eager --what dit_step --repeat 1 --warmup 1 --json "$OUT/gpu-14b-dit-step.json"
-
-step gpu-kernels 110 $PY benchmarks/gpu_kernels.py
-
-step gpu-small-720p 240 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
-    --backends eager,aoti --what dit_step --repeat 2 --warmup 1 --json "$OUT/gpu-small-720p.json"
-
-for f in "$OUT"/gpu-14b-dit-step.json "$OUT"/gpu-small-720p.json; do
+for f in "$OUT"/dit-step.json "$OUT"/profile-2-blocks.json "$OUT"/gpu-aoti-small-720p.json; do
     [ -f "$f" ] && $PY benchmarks/table.py "$f"
 done
 echo "== done in $(( $(date +%s) - START ))s"

@@ -149,6 +149,11 @@ def generate(
                                                     "as a lossless PNG into this new folder.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 map on CUDA, fp32 on CPU), fp32, bf16.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (what --dtype says) or fp8: the eager DiT's "
+                                           "block GEMMs in FP8 (CUDA sm89+; emulated on the CPU), the rest "
+                                           "bf16.")] = "auto",
+    fp8_keep: Annotated[int, typer.Option("--fp8_keep", "--fp8-keep", help="With --precision fp8: keep the first "
+                                          "and last N DiT blocks in bf16.")] = 0,
     backend: Annotated[str, typer.Option("--backend", help="eager, onnxruntime, aoti or tensorrt.")] = "eager",
     engine_dir: Annotated[str | None, typer.Option("--engine_dir", "--engine-dir",
                                                    help="Engine dir for a compiled backend.")] = None,
@@ -216,6 +221,13 @@ def generate(
             raise CLIError(f"--ring_size {ring_size}: ring attention is not implemented in wanrt; use --ulysses_size "
                            "(with --cfg_parallel: ulysses_size x 2 = processes), see docs/parallel.md")
         engine = backend != "eager"
+        if precision not in ("auto", "fp8"):
+            raise CLIError(f"--precision must be auto or fp8, got {precision!r}")
+        if precision != "fp8" and fp8_keep:
+            raise CLIError("--fp8_keep needs --precision fp8")
+        if precision == "fp8" and (engine or ulysses_size > 1 or cfg_parallel or tp_size > 1 or nproc > 1):
+            raise CLIError("--precision fp8 runs the eager DiT in one process; engines carry their build precision "
+                           "(wanrt build --precision fp8) and the multi-GPU splits run bf16")
         if engine and engine_dir is None:
             raise CLIError(f"--backend {backend} needs --engine_dir (make one with `wanrt export` or `wanrt build`)")
         if not engine and ckpt_dir is not None and tiny_models.is_builtin(ckpt_dir):  # the tiny model's own target
@@ -273,6 +285,8 @@ def generate(
                                   frame_num=frames_given) if engine else {}
             if override:
                 engine_options["overrides"] = parse_overrides(override)
+            if precision == "fp8":
+                engine_options.update(precision="fp8", fp8_keep=fp8_keep)
             pipe = load_pipeline(ckpt_dir, plan, run, device=device, dtype=parse_dtype(dtype), attention=attention,
                                  kernels=kernels, memory=memory, cuda_graphs=cuda_graphs, **engine_options)
             video = pipe(first, last, prompt, negative_prompt=negative_prompt,
@@ -389,7 +403,8 @@ def build(
     backend: Annotated[str, typer.Option("--backend", help="tensorrt or aoti.")] = "tensorrt",
     size: ExactSizeOpt = None,
     frame_num: FrameNumOpt = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt).")] = "bf16",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp8 (tensorrt: calibrated Q/DQ; "
+                                           "aoti: the eager FP8 DiT, dynamic per-token scales).")] = "bf16",
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     device: Annotated[str | None, typer.Option("--device", help="aoti: cpu or cuda (default: cuda if any).")] = None,

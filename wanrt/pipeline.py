@@ -238,7 +238,8 @@ class FLF2VPipeline:
                         backend: str = "eager", engine_dir: str | Path | None = None,
                         size: tuple[int, int] | None = None, frame_num: int | None = None,
                         memory: str = "resident", cuda_graphs: bool = True,
-                        overrides: dict[str, str] | None = None, **load_options) -> FLF2VPipeline:
+                        overrides: dict[str, str] | None = None, precision: str | None = None,
+                        fp8_keep: int = 0, **load_options) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
@@ -249,10 +250,20 @@ class FLF2VPipeline:
         memory: 'resident' | 'sequential' | 't5_cpu' (see runtime/memory.py); cuda_graphs: capture the
         denoising step as one CUDA graph on CUDA (False to compare). overrides: per-component backends,
         e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae).
+        precision 'fp8' (eager DiT): the bf16 map with the DiT block GEMMs in FP8 (wanrt.kernels.fp8),
+        except the first and last `fp8_keep` blocks; engines carry the precision they were built with.
         The backends come from the one assembler, wanrt.runtime.load_backends (`load_options` go to it)."""
         from wanrt.runtime.backends import BackendChoiceError, load_backends
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision not in (None, "fp8"):
+            raise InputError(f"precision must be None (dtype decides) or 'fp8', got {precision!r}")
+        if precision == "fp8":
+            if (overrides or {}).get("dit", backend) != "eager":
+                raise InputError("precision='fp8' quantises the eager DiT; an engine's DiT has the precision it was "
+                                 "built with (wanrt build --precision fp8)")
+            dtype = dtype or torch.bfloat16  # the bf16 map around the FP8 GEMMs, on the CPU too
+            load_options |= {"precision": precision, "fp8_keep": fp8_keep}
         try:
             got = load_backends(path, device, backend=backend, overrides=overrides, engine_dir=engine_dir,
                                 size=size, frame_num=frame_num, dtype=dtype, memory=memory, **load_options)

@@ -22,10 +22,11 @@ JSON schema "wanrt.bench/1" (`--json`); times in seconds, memory in bytes, null 
                    "latent": [T, h, w], "tokens": int, "precision": "fp32"|"bf16"|"fp8",
                    "backends": [str], "components": [str], "repeat": int, "warmup": int,
                    "interleave": bool, "sample_steps": int, "seed": int, "engine_dir": str|null,
-                   "dit_step": str},
+                   "fp8_keep": int, "profile": bool, "dit_step": str},
       "notes": [str],
       "results": [{                                     # one per (component, backend), all requested
-        "backend": "eager"|"onnxruntime"|"aoti"|"tensorrt",
+        "backend": "eager"|"onnxruntime"|"aoti"|"tensorrt"|"eager+<option>[+...]",  # options: fp8, fused,
+                                                        # sage, flash, triton (runner.EAGER_OPTIONS)
         "component": "dit_step"|"vae_encode"|"vae_decode"|"text_encoder"|"image_encoder"|"e2e",
         "status": "ok" | "unavailable: <reason>" | "failed: <error>",
         "device": str,                                  # = device.label
@@ -39,7 +40,11 @@ JSON schema "wanrt.bench/1" (`--json`); times in seconds, memory in bytes, null 
         "pct_peak": float|null,                         # 100 * tflops / device.peak_bf16_tflops ("n/a": null)
         "psnr": float|null,                             # dB vs eager; null for eager itself and when identical
         "max_abs_err": float|null,                      # vs eager on the same inputs
-        "setup_s": float|null                           # model load, or engine export/build + load
+        "rel_l2": float|null,                           # ||out - eager|| / ||eager||, same inputs
+        "setup_s": float|null,                          # model load, or engine export/build + load
+        "profile": null | {"total_s": float, "method": str,   # --profile: one call's profiler self time
+                           "classes": {"attention"|"gemm"|"elementwise"|"other":
+                                       {"time_s", "calls", "flops", "bytes", "tflops", "gbps", "share"}}}
       }]
     }
 

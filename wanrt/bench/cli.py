@@ -29,13 +29,18 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def command_line(ckpt_dir, size, frame_num, backends, what, repeat, warmup, precision, interleave,
-                 sample_steps, cache: str = "none", cache_threshold: float | None = None) -> str:
+                 sample_steps, cache: str = "none", cache_threshold: float | None = None, fp8_keep: int = 0,
+                 profile: bool = False) -> str:
     """The canonical command that reproduces a run (recorded in the JSON and printed)."""
     args = ["wanrt", "bench", "--ckpt_dir", ckpt_dir, "--size", f"{size[0]}*{size[1]}", "--frame_num",
             str(frame_num), "--backends", backends, "--what", what, "--repeat", str(repeat), "--warmup",
             str(warmup), "--precision", precision]
     if "e2e" in what:
         args += ["--sample_steps", str(sample_steps)]
+    if fp8_keep:
+        args += ["--fp8_keep", str(fp8_keep)]
+    if profile:
+        args.append("--profile")
     if not interleave:
         args.append("--no-interleave")
     if cache != "none":
@@ -50,14 +55,22 @@ def bench(
                                              "1280*720 otherwise).")] = None,
     frame_num: Annotated[int | None, typer.Option("--frame_num", "--frame-num", help="4n+1 frames (default: 9 "
                                                   "for tiny/small, 81 otherwise).")] = None,
-    backends: Annotated[str, typer.Option("--backends", help="Comma list of eager, onnxruntime, aoti, tensorrt.")
+    backends: Annotated[str, typer.Option("--backends", help="Comma list of eager, onnxruntime, aoti, tensorrt, and "
+                                                     "eager variants eager+<option>[+...] with options fp8, fused, "
+                                                     "sage, flash, triton (e.g. eager+fp8+sage).")
                         ] = "eager,onnxruntime,aoti,tensorrt",
     what: Annotated[str, typer.Option("--what", help="Comma list of dit_step, vae, vae_encode, vae_decode, t5, "
                                       "clip, e2e.")] = "dit_step",
     repeat: Annotated[int, typer.Option("--repeat", help="Timed calls per backend.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls per backend first.")] = 1,
     precision: Annotated[str, typer.Option("--precision", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, "
-                                           "fp8 (engines; eager stays bf16).")] = "auto",
+                                           "fp8 (engines fp8; eager stays the bf16 reference and "
+                                           "eager+fp8 is added).")] = "auto",
+    fp8_keep: Annotated[int, typer.Option("--fp8_keep", "--fp8-keep", help="FP8 eager variants keep the first and "
+                                          "last N DiT blocks in bf16.")] = 0,
+    profile: Annotated[bool, typer.Option("--profile", help="Add a per-op-class breakdown (attention, GEMM, "
+                                          "elementwise, other: time, TFLOP/s or GB/s) of one call per row "
+                                          "(torch.profiler).")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")
                       ] = None,
     engine_dir: Annotated[str | None, typer.Option("--engine_dir", "--engine-dir", help="Build/reuse engines "
@@ -85,13 +98,13 @@ def bench(
         wh = parse_size(size) if size else (w0, h0)
         frames = frame_num or f0
         cmd = command_line(ckpt_dir, wh, frames, backends, what, repeat, warmup, precision, interleave,
-                           sample_steps, cache, cache_threshold)
+                           sample_steps, cache, cache_threshold, fp8_keep, profile)
         typer.echo(cmd)
         report = run(ckpt_dir, size=wh, frame_num=frames, backends=backends, what=what, repeat=repeat,
                      warmup=warmup, precision=precision, device=device, engine_dir=engine_dir,
                      sample_steps=sample_steps, seed=seed, interleave=interleave, json_path=json_out,
                      plot_path=plot_out, log=lambda s: typer.echo(s, err=True), command=cmd, cache=cache,
-                     cache_threshold=cache_threshold)
+                     cache_threshold=cache_threshold, fp8_keep=fp8_keep, profile=profile)
     except (BenchUsageError, CheckpointError, EngineError, ValueError, FileNotFoundError, RuntimeError,
             ImportError) as e:
         if debug:

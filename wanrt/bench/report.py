@@ -70,7 +70,7 @@ def table(report: Report):
     for col, justify in (("component", "left"), ("backend", "left"), ("vs eager", "right"), ("median", "right"),
                          ("min", "right"), ("max", "right"), ("FLOPs", "right"), ("TFLOP/s", "right"),
                          ("% peak", "right"), ("peak mem", "right"), ("+call mem", "right"), ("PSNR dB", "right"),
-                         ("max |err|", "right"), ("status", "left")):
+                         ("max |err|", "right"), ("rel L2", "right"), ("status", "left")):
         t.add_column(col, justify=justify)
     for row in report.rows:
         ok = row.ok
@@ -85,6 +85,7 @@ def table(report: Report):
             _bytes(row.memory.get("delta_bytes")) if ok else "-",
             _psnr(row) if ok else "-",
             f"{row.max_abs_err:.3g}" if row.max_abs_err is not None else "-",
+            f"{row.rel_l2:.2e}" if row.rel_l2 is not None else "-",
             _short_status(row),
         )
     return t
@@ -119,6 +120,14 @@ def print_report(report: Report, console=None) -> None:
     console.print(table(report))
     for line in reasons(report):
         console.print(line, markup=False, highlight=False)
+    profiled = [r for r in report.rows if r.profile]
+    if profiled:
+        from .profile import format_line
+
+        console.print("per-op-class breakdown of one call (profiler self time; elementwise GB/s estimated):",
+                      markup=False, highlight=False)
+        for r in profiled:
+            console.print("  " + format_line(r.backend, r.component, r.profile), markup=False, highlight=False)
     mem = next((r.memory.get("kind") for r in report.rows if r.memory), None)
     if mem:
         what = {"cuda": "torch CUDA allocator peak during the call",

@@ -43,6 +43,16 @@ from .hardware import DeviceInfo, MemoryProbe, describe, sync, versions
 
 BACKENDS = ("eager", "onnxruntime", "aoti", "tensorrt")
 ENGINE_BACKENDS = BACKENDS[1:]
+# Eager variants, named `eager+<option>[+<option>...]`: the same eager modules with a load-time transform
+# or a kernel choice, each a row measured against plain eager (the reference) on the same inputs.
+EAGER_OPTIONS = {
+    "fp8": "DiT block GEMMs in FP8 (wanrt.kernels.fp8; --fp8_keep blocks at each end stay bf16)",
+    "fused": "exact fusion: q/k/v and cross-attention k/v as one GEMM each (wanrt.kernels.fusion)",
+    "sage": "8-bit attention (Triton: INT8 Q.K with K smoothing, FP8 P.V)",
+    "flash": "our bf16 flash attention (Triton)",
+    "triton": "Triton norm/RoPE kernels (wanrt.kernels.fused)",
+}
+_ATTENTION_OPTIONS = ("sage", "flash")
 COMPONENTS = ("dit_step", "vae_encode", "vae_decode", "text_encoder", "image_encoder", "e2e")
 # --what names -> the components they time ("vae" is both directions).
 WHAT = {"dit_step": ("dit_step",), "vae": ("vae_encode", "vae_decode"), "vae_encode": ("vae_encode",),
@@ -84,6 +94,8 @@ class Row:
     setup_s: float | None = None  # engine build (or export) + load, or model load for eager
     psnr: float | None = None
     max_abs_err: float | None = None
+    rel_l2: float | None = None  # ||out - eager|| / ||eager|| over the whole output
+    profile: dict | None = None  # --profile: per-op-class breakdown of one call (bench/profile.py)
     speedup_vs_eager: float | None = None  # eager median / this median (> 1: faster than eager)
     peak_tflops: float | None = None  # the device's dense BF16 peak, for pct_peak
     dit_calls: int | None = None  # e2e: DiT calls of one video (fewer than the steps with step caching)
@@ -115,7 +127,7 @@ class Row:
                       "max_s": max(t) if t else None, "mean_s": statistics.fmean(t) if t else None},
             "speedup_vs_eager": self.speedup_vs_eager, "memory": self.memory, "flops": self.flops,
             "tflops": self.tflops, "pct_peak": self.pct_peak, "psnr": self.psnr, "max_abs_err": self.max_abs_err,
-            "setup_s": self.setup_s, "dit_calls": self.dit_calls,
+            "rel_l2": self.rel_l2, "setup_s": self.setup_s, "dit_calls": self.dit_calls, "profile": self.profile,
         }
 
 
@@ -388,22 +400,64 @@ class Loaded:
     setup_s: float
     load_bytes: int
     models: object = None  # eager only: the WanModels (for a build API that takes in-memory models)
+    options: tuple[str, ...] = ()  # eager variants: the EAGER_OPTIONS applied
+
+    def kernels(self):
+        """The kernel choice every call of this backend runs under (attention and fused-op seams)."""
+        import contextlib
+
+        from wanrt.kernels import attention as attention_seam
+        from wanrt.kernels import fused
+
+        stack = contextlib.ExitStack()
+        att = next((o for o in self.options if o in _ATTENTION_OPTIONS), None)
+        if att is not None:
+            stack.enter_context(attention_seam.use(att))
+        if "triton" in self.options:
+            stack.enter_context(fused.use("triton"))
+        return stack
+
+
+def eager_options(name: str) -> tuple[str, ...]:
+    """'eager+fp8+sage' -> ('fp8', 'sage'); 'eager' -> (). Raises ValueError for anything else."""
+    base, *options = name.split("+")
+    bad = [o for o in options if o not in EAGER_OPTIONS]
+    if base != "eager" or bad or len(set(options)) != len(options) or \
+            sum(o in _ATTENTION_OPTIONS for o in options) > 1:
+        raise ValueError(f"backend {name!r}: eager variants are eager+<option>[+...] with options "
+                         f"{', '.join(EAGER_OPTIONS)} (one attention kernel at most)")
+    return tuple(options)
 
 
 def _eager(source: Source, device: torch.device, precision: str, components: Sequence[str], seed: int,
-           need_tokenizer: bool) -> Loaded:
+           need_tokenizer: bool, name: str = "eager", fp8_keep: int = 0) -> Loaded:
     from wanrt.runtime.backends import load_backends
 
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # fp8 is an engine precision
+    options = eager_options(name)
+    # eager runs fp32 or the bf16 map; under --precision fp8 plain eager stays bf16 (the reference) and
+    # eager+fp8 quantises the DiT blocks on top of the bf16 map
+    dtype = torch.float32 if precision == "fp32" and "fp8" not in options else torch.bfloat16
     models_needed = _runtime_parts(components)
-    models = None
+    fp8 = "fp8" in options and "dit" in models_needed
+    models, load_options = None, {}
+    if source.folder is not None and fp8:
+        load_options = {"precision": "fp8", "fp8_keep": fp8_keep}  # quantised by the loader, at load
     if source.folder is None:
         from .random import random_models
 
         models = random_models(source.config, device, dtype, seed=seed, components=models_needed,
                                tokenizer=need_tokenizer)
-    got = load_backends(source.folder, device, dtype=dtype, components=models_needed, models=models)
-    return Loaded("eager", got.backends, got.config, got.tokenizer, None, 0.0, 0, got.models)
+        if fp8:
+            from wanrt.kernels.fp8 import quantize_blocks
+
+            quantize_blocks(models.dit.blocks, keep=fp8_keep)
+    got = load_backends(source.folder, device, dtype=dtype, components=models_needed, models=models,
+                        **load_options)
+    if "fused" in options and got.models.dit is not None:
+        from wanrt.kernels.fusion import fuse_projections
+
+        fuse_projections(got.models.dit)
+    return Loaded(name, got.backends, got.config, got.tokenizer, None, 0.0, 0, got.models, options)
 
 
 def _runtime_parts(components: Sequence[str]) -> tuple[str, ...]:
@@ -430,8 +484,6 @@ def _engine(name: str, source: Source, engine_dir: Path, target, device: torch.d
             raise Unavailable("TensorRT needs a CUDA device")
         if importlib.util.find_spec("tensorrt") is None:
             raise Unavailable("tensorrt is not installed (pip install 'wanrt[tensorrt]')")
-    elif name == "aoti" and precision == "fp8":
-        raise Unavailable("aoti builds fp32 or bf16 engines; fp8 is a TensorRT precision")
     folder = source.folder
     if folder is None and name == "onnxruntime":
         raise Unavailable(f"{source.spec} has no checkpoint folder to export ONNX from (the bench does not write "
@@ -458,12 +510,14 @@ def _engine(name: str, source: Source, engine_dir: Path, target, device: torch.d
     return Loaded(name, got.backends, got.config, got.tokenizer, got.target, 0.0, 0)
 
 
-def _load(name, source, engine_dir, target, device, precision, components, seed, log, eager_models=None) -> Loaded:
+def _load(name, source, engine_dir, target, device, precision, components, seed, log, eager_models=None,
+          fp8_keep: int = 0) -> Loaded:
     probe = MemoryProbe(device)
     before = probe.current()
     t0 = time.perf_counter()
-    if name == "eager":
-        loaded = _eager(source, device, precision, components, seed, need_tokenizer="e2e" in components)
+    if name.startswith("eager"):
+        loaded = _eager(source, device, precision, components, seed, need_tokenizer="e2e" in components,
+                        name=name, fp8_keep=fp8_keep)
     else:
         loaded = _engine(name, source, engine_dir, target, device, precision, components, log, eager_models)
     sync(device)
@@ -504,7 +558,7 @@ def rotation(names: Sequence[str], round_index: int) -> list[str]:
     return list(names[k:]) + list(names[:k])
 
 
-def _compare(out: torch.Tensor, ref: torch.Tensor, component: str) -> tuple[float | None, float]:
+def _compare(out: torch.Tensor, ref: torch.Tensor, component: str) -> tuple[float | None, float, float | None]:
     from wanrt.metrics import psnr
 
     a, b = out.detach().cpu().numpy().astype(np.float64), ref.detach().cpu().numpy().astype(np.float64)
@@ -512,18 +566,30 @@ def _compare(out: torch.Tensor, ref: torch.Tensor, component: str) -> tuple[floa
         raise ValueError(f"output shape {a.shape} differs from eager's {b.shape}")
     err = float(np.max(np.abs(a - b))) if a.size else 0.0
     if not np.all(np.isfinite(a)):
-        return None, float("nan")
+        return None, float("nan"), None
+    norm = float(np.linalg.norm(b))
+    rel = float(np.linalg.norm(a - b)) / norm if norm else None
     peak = 255.0 if component == "e2e" else float(b.max() - b.min()) or 1.0
     value = psnr(a, b, peak=peak)
-    return (None if value == float("inf") else round(value, 3)), err
+    return (None if value == float("inf") else round(value, 3)), err, rel
 
 
 def _parse_list(value: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    bad = [v for v in items if v not in allowed]
+    bad = [v for v in items if v not in allowed and not _is_eager_variant(v, allowed)]
     if bad or not items:
         raise ValueError(f"{what}: {', '.join(bad) or 'nothing'} not understood; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(items))
+
+
+def _is_eager_variant(name: str, allowed: Sequence[str]) -> bool:
+    if "eager" not in allowed or not name.startswith("eager+"):
+        return False
+    try:
+        eager_options(name)
+    except ValueError:
+        return False
+    return True
 
 
 def default_target(ckpt_dir: str) -> tuple[int, int, int]:
@@ -541,7 +607,7 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
         engine_dir: str | Path | None = None, sample_steps: int = 2, seed: int = 0, interleave: bool = True,
         json_path: str | Path | None = None, plot_path: str | Path | None = None,
         log: Callable[[str], None] = print, command: str | None = None, cache: str = "none",
-        cache_threshold: float | None = None) -> Report:
+        cache_threshold: float | None = None, fp8_keep: int = 0, profile: bool = False) -> Report:
     """Measure `what` for every backend; returns the Report (and writes JSON / PNG when paths are given).
 
     size (W, H) and frame_num default per model (see DEFAULT_TARGETS). precision 'auto': fp32 on the
@@ -549,6 +615,11 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
     engine_dir: where engines (and random checkpoints) are built and reused; default a temp dir,
     deleted afterwards. sample_steps: denoising steps of an e2e run. cache, cache_threshold: step caching
     of the e2e runs (runtime/cache.py); each e2e row records its DiT calls.
+    backends: eager, onnxruntime, aoti, tensorrt, and eager variants eager+<option>[+...] (EAGER_OPTIONS:
+    fp8, fused, sage, flash, triton). precision 'fp8': plain eager stays the bf16 reference, engines are
+    built fp8, and eager+fp8 is added when no fp8 eager variant is listed. fp8_keep: DiT blocks kept
+    bf16 at each end by every fp8 eager variant. profile: after timing, one more call per row under
+    torch.profiler, its per-op-class breakdown in `Row.profile` (bench/profile.py).
     """
     from wanrt.export.specs import PRECISIONS, Target
 
@@ -568,6 +639,9 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp8" and "eager" in names and not any("fp8" in eager_options(n) for n in names
+                                                            if n.startswith("eager")):
+        names.insert(names.index("eager") + 1, "eager+fp8")
     w0, h0, f0 = default_target(ckpt_dir)
     width, height = size or (w0, h0)
     frame_num = frame_num or f0
@@ -593,7 +667,7 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
             for b in names:
                 rows[(b, c)].flops = fl
         outputs: dict[tuple[str, str], torch.Tensor] = {}
-        order = sorted(names, key=lambda n: n != "eager")  # eager loads first: in-memory builds may reuse it
+        order = sorted(names, key=lambda n: not n.startswith("eager"))  # eager first: in-memory builds reuse it
         groups = [order] if interleave else [[n] for n in order]
         eager_models = None
         for group in groups:
@@ -602,8 +676,9 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
                 log(f"{name}: preparing")
                 try:
                     loaded[name] = _load(name, source, work, target, device, precision, components, seed, log,
-                                         eager_models)
-                    if name == "eager" and interleave:
+                                         eager_models, fp8_keep)
+                    # in-memory engine builds take the eager models of their precision (fp8: eager+fp8's)
+                    if interleave and name == ("eager+fp8" if precision == "fp8" else "eager"):
                         eager_models = loaded[name].models
                 except Exception as e:  # noqa: BLE001 - recorded in the row, never hidden, never substituted
                     status = _classify(e)
@@ -612,7 +687,7 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
                         rows[(name, c)].status = status
             for c in components:
                 _measure(c, loaded, rows, outputs, inputs, device, width, height, frame_num, sample_steps,
-                         warmup, repeat, log, (cache, cache_threshold))
+                         warmup, repeat, log, (cache, cache_threshold), profile)
             for name in list(loaded):
                 _release(loaded.pop(name), device)
         _finish(rows, outputs, components, names)
@@ -626,7 +701,7 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
         "tokens": flops_mod.dit_tokens(cfg, height, width, frame_num), "precision": precision,
         "backends": names, "components": components, "repeat": repeat, "warmup": warmup,
         "interleave": interleave, "sample_steps": sample_steps, "seed": seed, "cache": cache,
-        "cache_threshold": cache_threshold,
+        "cache_threshold": cache_threshold, "fp8_keep": fp8_keep, "profile": profile,
         "engine_dir": None if temp else str(work),
         "dit_step": f"CFGStep.step(): batch-2 DiT + guidance {GUIDE_SCALE} + UniPC update (step {STEP_INDEX} "
                     f"of {SCHEDULE_STEPS}, shift {SHIFT}), no CUDA graph",
@@ -644,7 +719,8 @@ def run(ckpt_dir: str = "tiny", size: tuple[int, int] | None = None, frame_num: 
 
 
 def _measure(component, loaded: dict[str, Loaded], rows, outputs, inputs, device, width, height, frame_num,
-             sample_steps, warmup, repeat, log, cache: tuple[str, float | None] = ("none", None)) -> None:
+             sample_steps, warmup, repeat, log, cache: tuple[str, float | None] = ("none", None),
+             profile: bool = False) -> None:
     cases: dict[str, Case] = {}
     for name, ld in loaded.items():
         row = rows[(name, component)]
@@ -673,6 +749,8 @@ def _measure(component, loaded: dict[str, Loaded], rows, outputs, inputs, device
             rows[(name, component)].times_s.append(dt)
             peaks[name].append((peak, delta, probe.device_used()))
 
+    for name, case in cases.items():  # every call under this backend's kernel choice (eager variants)
+        case.call = _under(case.call, loaded[name].kernels)
     with torch.no_grad():
         for r in range(warmup + repeat):
             for name in rotation(list(cases), r):
@@ -693,6 +771,20 @@ def _measure(component, loaded: dict[str, Loaded], rows, outputs, inputs, device
         outputs[(name, component)] = last[name].detach().to("cpu").clone()
         row.dit_calls = cases[name].info.get("dit_calls")
         log(f"{name} {component}: median {row.median_s * 1e3:.2f} ms over {len(row.times_s)} runs")
+        if profile:  # one extra, untimed call: the profiler's overhead never reaches times_s
+            from .profile import format_line, profile_call
+
+            cases[name].reset()
+            row.profile = profile_call(cases[name].call, device)
+            log(format_line(name, component, row.profile))
+
+
+def _under(call: Callable[[], torch.Tensor], kernels) -> Callable[[], torch.Tensor]:
+    def wrapped() -> torch.Tensor:
+        with kernels():
+            return call()
+
+    return wrapped
 
 
 def _finish(rows, outputs, components, names) -> None:
@@ -707,6 +799,6 @@ def _finish(rows, outputs, components, names) -> None:
                 row.speedup_vs_eager = round(eager_row.median_s / row.median_s, 4)
             if ref is not None and b != "eager":
                 try:
-                    row.psnr, row.max_abs_err = _compare(outputs[(b, c)], ref, c)
+                    row.psnr, row.max_abs_err, row.rel_l2 = _compare(outputs[(b, c)], ref, c)
                 except ValueError as e:
                     row.status = f"failed: {e}"

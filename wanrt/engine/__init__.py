@@ -58,8 +58,11 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     from .aoti import compile_package
     from .dir import EngineDir
 
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"aoti builds fp32 or bf16 (got {precision!r}); fp8 engines are a TensorRT feature")
+    if precision not in ("fp32", "bf16", "fp8"):
+        raise ValueError(f"aoti builds fp32, bf16 or fp8 (got {precision!r})")
+    if precision == "fp8" and models is not None and not _fp8_quantized(models):
+        raise ValueError("an fp8 aoti build of in-memory models needs them quantised first "
+                         "(wanrt.kernels.fp8.quantize_blocks on models.dit.blocks)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if models is None:
         ckpt = Checkpoint(ckpt_dir)
@@ -97,8 +100,10 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     if not todo:
         return manifest
     if models is None:
-        models = load(ckpt_dir, device=dev, dtype=torch.bfloat16 if precision == "bf16" else None,
-                      components=sorted({TABLE[c].weights for c, _ in todo}))
+        # fp8: the bf16 map with the DiT block GEMMs in FP8 (wanrt.kernels.fp8), compiled as they run eagerly
+        models = load(ckpt_dir, device=dev, dtype=None if precision == "fp32" else torch.bfloat16,
+                      components=sorted({TABLE[c].weights for c, _ in todo}),
+                      precision="fp8" if precision == "fp8" else None)
     missing = sorted({TABLE[c].weights for c, _ in todo if getattr(models, TABLE[c].weights) is None})
     if missing:
         raise ValueError(f"the in-memory models lack {missing} needed for {[g for _, g in todo]}")
@@ -109,12 +114,19 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"{key}: compiling with AOTInductor for {dev.type}")
         t0 = time.perf_counter()
-        compile_package(graph_module(graph, models, target), specs[graph], path, dev, attention)
+        compile_package(graph_module(graph, models, target), specs[graph], path, dev, attention,
+                        exact_casts=precision == "fp8")
         seconds = round(time.perf_counter() - t0, 1)
         manifest.record("engines", key, [rel], backend="aoti", component=component, graph=graph,
                         spec=specs[graph].to_dict(), build_seconds=seconds, **facts)
         log(f"{key}: {rel} ({path.stat().st_size / 1e6:.1f} MB, {seconds} s)")
     return manifest
+
+
+def _fp8_quantized(models) -> bool:
+    from wanrt.kernels.fp8 import is_quantized
+
+    return models.dit is None or is_quantized(models.dit)
 
 
 def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, log, options):

@@ -133,10 +133,13 @@ class WanSelfAttention(nn.Module):
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Projections, q/k RMSNorm over the full width, RoPE. Returns q, k (fp32), v: (B, L, H, D)."""
         b, s, n, d = x.shape[0], x.shape[1], self.num_heads, self.head_dim
-        q = qk_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, *rope, n)
-        k = qk_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, *rope, n)
-        v = self.v(x).view(b, s, n, d)
-        return q, k, v
+        if hasattr(self, "qkv_proj"):  # q, k, v as one GEMM: weight [q; k; v] (3 dim, dim), kernels/fusion.py
+            q, k, v = self.qkv_proj(x).split(self.dim, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = qk_norm_rope(q, self.norm_q.weight, self.norm_q.eps, *rope, n)
+        k = qk_norm_rope(k, self.norm_k.weight, self.norm_k.eps, *rope, n)
+        return q, k, v.view(b, s, n, d)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv(x, rope)
@@ -157,11 +160,17 @@ class WanI2VCrossAttention(WanSelfAttention):
         b, n, d = x.shape[0], self.num_heads, self.head_dim
         n_img = context.shape[1] - self.text_len
         context_img, context_txt = context[:, :n_img], context[:, n_img:]
+        if hasattr(self, "kv_proj"):  # k|v and k_img|v_img as one GEMM each (kernels/fusion.py)
+            k, v = self.kv_proj(context_txt).split(self.dim, dim=-1)
+            k_img, v_img = self.kv_img_proj(context_img).split(self.dim, dim=-1)
+        else:
+            k, v = self.k(context_txt), self.v(context_txt)
+            k_img, v_img = self.k_img(context_img), self.v_img(context_img)
         q = self.norm_q(self.q(x)).view(b, -1, n, d)
-        k = self.norm_k(self.k(context_txt)).view(b, -1, n, d)
-        v = self.v(context_txt).view(b, -1, n, d)
-        k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, d)
-        v_img = self.v_img(context_img).view(b, -1, n, d)
+        k = self.norm_k(k).view(b, -1, n, d)
+        v = v.view(b, -1, n, d)
+        k_img = self.norm_k_img(k_img).view(b, -1, n, d)
+        v_img = v_img.view(b, -1, n, d)
         img_x = attention(q, k_img, v_img)
         # No text mask: the official model attends to all 512 (zero-padded) text positions.
         x = attention(q, k, v)

@@ -100,15 +100,24 @@ class Checkpoint:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         components: Iterable[str] = COMPONENTS) -> WanModels:
+         components: Iterable[str] = COMPONENTS, precision: str | None = None, fp8_keep: int = 0) -> WanModels:
     """Load the models. dtype None: everything fp32. dtype bf16/fp16: the official precision map
-    (DiT matmuls in dtype with fp32 islands, T5 in dtype, CLIP in fp16, VAE fp32)."""
+    (DiT matmuls in dtype with fp32 islands, T5 in dtype, CLIP in fp16, VAE fp32).
+    precision 'fp8': that map (dtype bf16 unless given), then the DiT block linears quantised once to
+    e4m3 (wanrt.kernels.fp8.quantize_blocks), all but the first and last `fp8_keep` blocks."""
     components = tuple(components)
+    if precision not in (None, "fp8"):
+        raise ValueError(f"precision must be None (dtype decides) or 'fp8', got {precision!r}")
+    if precision == "fp8" and dtype is None:
+        dtype = torch.bfloat16
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
     ckpt = Checkpoint(path)
     cfg = ckpt.config
+    if precision == "fp8" and not 0 <= fp8_keep <= cfg.dit.num_layers // 2:  # before the expensive load
+        raise ValueError(f"fp8_keep={fp8_keep}: keeps the first and last N of the {cfg.dit.num_layers} DiT blocks "
+                         f"in bf16, so 0 <= N <= {cfg.dit.num_layers // 2}")
     models = WanModels(config=cfg, source=str(ckpt.folder), layout=ckpt.layout)
     low = dtype if dtype in (torch.bfloat16, torch.float16) else None
     with torch.device("meta"):
@@ -124,6 +133,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         dtypes = precision_map(models.dit, low) if low else torch.float32
         load_module(models.dit, ckpt.weights("dit"), dtypes, device)
         models.dit.reset_buffers()
+        if precision == "fp8":
+            from wanrt.kernels.fp8 import quantize_blocks
+
+            quantize_blocks(models.dit.blocks, keep=fp8_keep)
     if models.vae is not None:
         load_module(models.vae, ckpt.weights("vae"), torch.float32, device)
         models.vae.reset_buffers()

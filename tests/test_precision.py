@@ -1,0 +1,241 @@
+"""precision='fp8': e4m3 DiT block GEMMs (wanrt/kernels/fp8.py), emulated on the CPU with the GPU's math.
+
+Every error bound here is two-sided: an upper bound a few times the measured error, and a lower bound
+that an fp8 path which silently stopped quantising (i.e. ran bf16) would fall under.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wanrt.kernels import fp8
+from wanrt.models.loading import load
+
+
+def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def dits():
+    """The trained tiny DiT in fp32 (the reference), bf16 (official map) and fp8."""
+    return {"fp32": load("tiny", components=["dit"]).dit,
+            "bf16": load("tiny", components=["dit"], dtype=torch.bfloat16).dit,
+            "fp8": load("tiny", components=["dit"], precision="fp8").dit}
+
+
+@pytest.fixture(scope="module")
+def step_inputs(dits):
+    """A batch-2 (CFG) DiT call at a 3x8x8 latent grid, mid-schedule timestep."""
+    cfg = dits["fp32"].cfg
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, 8, 8, generator=g)
+    y = torch.randn(2, 20, 3, 8, 8, generator=g)
+    context = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g) * 0.2
+    context[:, 24:] = 0
+    clip = torch.randn(2, 2 * cfg.clip_tokens, cfg.clip_dim, generator=g)
+    return x, torch.tensor([900, 900]), context, clip, y
+
+
+def _step(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def test_quantize_rowwise_roundtrip():
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 2, 64)[:, None]
+    q, s = fp8.quantize_rowwise(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), fp8.FP8_MAX))  # each row uses the full range
+    err = rel_l2(q.float() * s, x)
+    # measured 0.0259 (e4m3: 3 mantissa bits, uniform rounding error ~ 2^-4/sqrt(3) relative); tolerance
+    # [0.01, 0.04]: a row-wise scale that became tensor-wise would lose the small rows (rel err ~1).
+    assert 0.01 < err < 0.04, err
+    zero_q, zero_s = fp8.quantize_rowwise(torch.zeros(2, 32))
+    assert torch.equal(zero_q.float(), torch.zeros(2, 32)) and torch.all(zero_s > 0)  # no 0/0
+
+
+def test_fp8_linear_is_the_scaled_mm_math():
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(96, 80).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(80, 96, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(80, generator=g))
+    q = fp8.FP8Linear.from_linear(lin)
+    x = torch.randn(3, 7, 96, generator=g)
+    y = q(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 7, 80)
+    xq, sx = fp8.quantize_rowwise(x.reshape(-1, 96))
+    ref = (xq.double() * sx.double()) @ q.dequantized_weight().double().t() + lin.bias.double()
+    # exact products, fp32 accumulation, one bf16 rounding: measured 1.6e-3 (bf16 rounding); tolerance 4e-3
+    assert rel_l2(y.reshape(-1, 80), ref) < 4e-3
+    full = x.double() @ lin.weight.double().t() + lin.bias.double()
+    err = rel_l2(y, full)
+    # vs the unquantised bf16 Linear: measured 0.0252; [0.01, 0.06]; the bf16 Linear itself: 2.0e-3
+    assert 0.01 < err < 0.06, err
+
+
+# ---------------------------------------------------------------------------------------------- the DiT
+
+
+def test_fp8_dit_step_error_two_sided(dits, step_inputs):
+    ref = _step(dits["fp32"], step_inputs)
+    err8 = rel_l2(_step(dits["fp8"], step_inputs), ref)
+    err16 = rel_l2(_step(dits["bf16"], step_inputs), ref)
+    # measured: fp8 0.0198, bf16 0.0035 (trained tiny DiT, all 4 blocks fp8). Upper 0.05 (2.5x measured,
+    # and under the issue's 2e-2 gate's order); lower 0.008: a path that stopped quantising is bf16 (0.0035).
+    assert 0.008 < err8 < 0.05, (err8, err16)
+    assert err8 > 2 * err16
+
+
+def test_fp8_weights_really_halve(dits):
+    def linear_bytes(model, attr):
+        return sum(getattr(m, attr).numel() * getattr(m, attr).element_size() for m in model.blocks.modules()
+                   if isinstance(m, (torch.nn.Linear, fp8.FP8Linear)))
+
+    b16, b8 = dits["bf16"], dits["fp8"]
+    assert all(isinstance(m, fp8.FP8Linear) for n, m in b8.blocks.named_modules()
+               if n.endswith((".q", ".k", ".v", ".o", ".k_img", ".v_img", "ffn.0", "ffn.2")))
+    assert not any(isinstance(m, torch.nn.Linear) for m in b8.blocks.modules())
+    assert linear_bytes(b8, "weight") * 2 == linear_bytes(b16, "weight")  # 1 byte vs 2 per weight
+
+    def param_bytes(model):
+        return sum(t.numel() * t.element_size() for t in (*model.blocks.parameters(), *model.blocks.buffers()))
+
+    # every block tensor (biases, norms, modulation, scales included): measured 0.523 at dim 128 (the fp32
+    # norm/modulation vectors weigh more at toy width; ~0.50 at 14B); tolerance 0.55.
+    ratio = param_bytes(b8) / param_bytes(b16)
+    assert ratio < 0.55, ratio
+    # outside the blocks nothing changes (embeddings, time projection, head stay as today)
+    for name, t in dits["fp8"].named_parameters():
+        if not name.startswith("blocks."):
+            assert t.dtype == dict(dits["bf16"].named_parameters())[name].dtype, name
+
+
+def test_fp8_keep_first_and_last_blocks(dits, step_inputs):
+    kept = load("tiny", components=["dit"], precision="fp8", fp8_keep=1).dit
+    n = len(kept.blocks)
+    for i, block in enumerate(kept.blocks):
+        assert fp8.is_quantized(block) == (1 <= i < n - 1), i
+        if not fp8.is_quantized(block):
+            assert block.self_attn.q.weight.dtype == torch.bfloat16
+    ref = _step(dits["fp32"], step_inputs)
+    err_keep = rel_l2(_step(kept, step_inputs), ref)
+    err_all = rel_l2(_step(dits["fp8"], step_inputs), ref)
+    # measured: keep=1 0.0143 vs all-fp8 0.0198; keeping blocks in bf16 must change (lower) the error
+    assert err_keep < err_all and err_keep > 0.006, (err_keep, err_all)
+    with pytest.raises(ValueError, match="fp8_keep=3"):
+        load("tiny", components=["dit"], precision="fp8", fp8_keep=3)
+    with pytest.raises(ValueError, match="precision must be"):
+        load("tiny", components=["dit"], precision="int4")
+
+
+@pytest.mark.slow
+def test_fp8_tiny_video_psnr():
+    """The trained tiny model end to end: fp8 video vs the fp32 video, same seed (~40 s on 2 cores)."""
+    from wanrt.metrics import psnr
+    from wanrt.pipeline import FLF2VPipeline
+    from wanrt.samples import SAMPLE_PROMPT, sample_frames
+
+    first, last = sample_frames()
+    kw = dict(max_area=64 * 64, frame_num=9, sample_steps=6, seed=1, progress=False)
+    ref = FLF2VPipeline.from_pretrained("tiny", device="cpu")(first, last, SAMPLE_PROMPT, **kw).frames
+    pipe = FLF2VPipeline.from_pretrained("tiny", device="cpu", precision="fp8")
+    assert fp8.is_quantized(pipe.backends.modules["dit"])
+    got = pipe(first, last, SAMPLE_PROMPT, **kw).frames
+    value = psnr(got, ref)
+    # measured 43.3 dB (bf16, i.e. fp8 not applied: 54.0 dB). Gate: >= 30 dB (the issue); upper 50 dB.
+    assert 30.0 <= value <= 50.0, value
+
+
+def test_fp8_input_errors():
+    from wanrt.pipeline import FLF2VPipeline, InputError
+
+    with pytest.raises(InputError, match="precision must be"):
+        FLF2VPipeline.from_pretrained("tiny", device="cpu", precision="fp16")
+    with pytest.raises(InputError, match="engine's DiT"):
+        FLF2VPipeline.from_pretrained("tiny", device="cpu", precision="fp8", backend="aoti", engine_dir="/nonexistent")
+
+
+def test_cli_generate_precision_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "--ckpt_dir", "tiny", "--precision", "fp4"])
+    assert r.exit_code != 0 and "--precision must be auto or fp8" in r.output
+    r = CliRunner().invoke(app, ["generate", "--ckpt_dir", "tiny", "--fp8_keep", "1"])
+    assert r.exit_code != 0 and "--fp8_keep needs --precision fp8" in r.output
+    r = CliRunner().invoke(app, ["generate", "--backend", "aoti", "--engine_dir", str(tmp_path), "--precision", "fp8"])
+    assert r.exit_code != 0 and "engines carry their build precision" in r.output
+
+
+@pytest.mark.slow
+def test_cli_generate_fp8(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "fp8.mp4"
+    r = subprocess.run([sys.executable, "-m", "wanrt", "generate", "--ckpt_dir", "tiny", "--precision", "fp8",
+                        "--fp8_keep", "1", "--sample_steps", "2", "--frame_num", "5", "--base_seed", "0",
+                        "--save_file", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------- AOTInductor
+
+
+@pytest.mark.slow
+def test_aoti_fp8_package_matches_eager_fp8(tmp_path):
+    """`wanrt build --backend aoti --precision fp8` of the trained tiny DiT on the CPU (~3-5 min on 2 busy
+    cores): the package runs the quantised model, and its step matches the eager fp8 step."""
+    from wanrt.bench.runner import _dit_step_case, make_inputs
+    from wanrt.engine import build
+    from wanrt.export.specs import Target
+    from wanrt.models.loading import Checkpoint
+    from wanrt.runtime.backends import eager, from_engine_dir
+
+    folder = str(Checkpoint("tiny").folder)
+    m = build(folder, tmp_path, Target(64, 48, 9), backend="aoti", precision="fp8", device="cpu", components=["dit"],
+              log=lambda s: None)
+    assert m.data["precision"] == "fp8"
+    got, cfg, _, _ = from_engine_dir(tmp_path, "aoti", torch.device("cpu"), 64, 48, 9, checkpoint=folder,
+                                     components=["dit"])
+    inputs = make_inputs(cfg, 64, 48, 9, seed=0)
+    outs = {}
+    for name, dit in (("aoti", got["dit"]), ("fp8", eager(load("tiny", components=["dit"], precision="fp8")).dit),
+                      ("bf16", eager(load("tiny", components=["dit"], dtype=torch.bfloat16)).dit)):
+        case = _dit_step_case(dit, inputs, torch.device("cpu"))
+        case.reset()
+        with torch.no_grad():
+            outs[name] = case.call().clone()
+    # measured 2.0e-5 (Inductor keeps every bf16 rounding: exact_casts; without it 0.077, as far from eager
+    # fp8 as bf16 is); tolerance 2e-4
+    assert rel_l2(outs["aoti"], outs["fp8"]) < 2e-4
+    # the package really quantises: vs eager bf16 it is as far as eager fp8 is (measured 0.059 for both)
+    assert rel_l2(outs["aoti"], outs["bf16"]) > 0.02
+
+
+@pytest.mark.gpu
+def test_fp8_linear_native_matches_emulation_on_cuda():
+    """torch._scaled_mm (row-wise) vs the CPU emulation of the same math, at a 14B-like width."""
+    if not fp8.native_supported("cuda"):
+        pytest.skip("needs a CUDA GPU of compute capability >= 8.9")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lin = torch.nn.Linear(1024, 512, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(512, 1024, device="cuda", generator=g) / 32)
+    q = fp8.FP8Linear.from_linear(lin)
+    x = torch.randn(2, 300, 1024, device="cuda", generator=g)  # M = 600: not a multiple of 256 (pytorch#133334)
+    native = q(x)
+    xq, sx = fp8.quantize_rowwise(x.reshape(-1, 1024))
+    emulated = fp8.scaled_mm_emulated(xq, sx, q.weight, q.weight_scale, q.bias, torch.bfloat16)
+    # same products, different accumulation order, one bf16 rounding each: expected ~1e-3 (bf16 ulp);
+    # tolerance 4e-3. vs the bf16 Linear: the fp8 error, two-sided as on the CPU
+    assert rel_l2(native.reshape(-1, 512), emulated) < 4e-3
+    assert 0.01 < rel_l2(native, lin(x.bfloat16())) < 0.06

@@ -1,0 +1,78 @@
+"""Exact fusion of the DiT's projections, a load-time transform: linears that read the same input become
+one GEMM over their concatenated weights, so the input is read (and, for FP8, quantised) once.
+
+    self-attention   q, k, v (dim -> dim each) on x            -> qkv_proj (dim -> 3 dim)
+    cross-attention  k, v on the text context                  -> kv_proj (dim -> 2 dim)
+                     k_img, v_img on the image context         -> kv_img_proj (dim -> 2 dim)
+
+Each output column is the same dot product as before (same weights, same input, same dtype), so the
+result is the unfused one up to the GEMM library's choice of reduction blocking for the wider matrix
+(fp32 CPU: rel. L2 <= 1e-6, tests/test_fusion.py). FP8Linears fuse exactly too: their scales are per
+output channel, so the concatenated weight keeps every channel's scale, and the one per-token
+activation scale is the same for all three.
+
+The model code (wanrt/models/dit.py) uses a fused projection when the attention module has one; the
+checkpoint keeps the official q/k/v names (the transform runs after loading, and drops the originals
+so no weight is held twice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from .fp8 import FP8Linear
+
+# (module attribute of the fused projection, the official linears it replaces, in output order)
+SELF_ATTENTION = ("qkv_proj", ("q", "k", "v"))
+CROSS_ATTENTION = (("kv_proj", ("k", "v")), ("kv_img_proj", ("k_img", "v_img")))
+
+
+@torch.no_grad()
+def concat_linears(linears: Sequence[nn.Module]) -> nn.Module:
+    """One Linear (or FP8Linear) whose output is the concatenation of `linears`' outputs on the same input."""
+    first = linears[0]
+    if any(type(m) is not type(first) for m in linears):
+        raise TypeError(f"cannot fuse {[type(m).__name__ for m in linears]}: all must be the same kind")
+    if any(m.in_features != first.in_features for m in linears):
+        raise ValueError("fused linears must share their input width")
+    has_bias = [m.bias is not None for m in linears]
+    if any(has_bias) != all(has_bias):
+        raise ValueError("fused linears must all have a bias or none")
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
+    if isinstance(first, FP8Linear):
+        if any(m.out_dtype != first.out_dtype for m in linears):
+            raise ValueError("fused FP8 linears must share their output dtype")
+        return FP8Linear(weight, torch.cat([m.weight_scale for m in linears]), bias, first.out_dtype)
+    fused = type(first).__new__(type(first))  # same class (e.g. the DiT's dtype-casting Linear), no init
+    nn.Module.__init__(fused)
+    fused.in_features, fused.out_features = first.in_features, weight.shape[0]
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
+def _fuse(module: nn.Module, attr: str, names: Sequence[str]) -> None:
+    if hasattr(module, attr):
+        return  # already fused
+    fused = concat_linears([getattr(module, n) for n in names])
+    for n in names:
+        delattr(module, n)
+    setattr(module, attr, fused)
+
+
+def fuse_projections(dit: nn.Module) -> nn.Module:
+    """In place: every block's self-attention q/k/v and cross-attention k/v (text and image) as one GEMM
+    each. Run after loading (and after FP8 quantisation, which it preserves). Returns `dit`."""
+    for block in dit.blocks:
+        _fuse(block.self_attn, *SELF_ATTENTION)
+        for attr, names in CROSS_ATTENTION:
+            _fuse(block.cross_attn, attr, names)
+    return dit
+
+
+def is_fused(dit: nn.Module) -> bool:
+    return any(hasattr(b.self_attn, SELF_ATTENTION[0]) for b in dit.blocks)
