@@ -536,9 +536,9 @@ def doctor(
 
 def _version(value: bool) -> None:
     if value:
-        from wanrt import __version__
+        import wanrt
 
-        typer.echo(f"wanrt {__version__}")
+        typer.echo(f"wanrt {wanrt.__version__}")
         raise typer.Exit()
 
 
