@@ -66,6 +66,29 @@ def parse_overrides(text: str) -> dict[str, str]:
     return out
 
 
+def parse_timesteps(text: str | None) -> list[float] | None:
+    """'1000,750,500,250' -> [1000.0, 750.0, 500.0, 250.0] (range and order are checked by the pipeline)."""
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise CLIError(f"--timesteps takes comma-separated numbers such as 1000,750,500,250, got {text!r}") from None
+
+
+def parse_loras(items: list[str] | None):
+    """['a.safetensors', 'b.safetensors:0.8'] -> [LoRASpec, ...]; None when no --lora was given."""
+    if not items:
+        return None
+    from wanrt.models.lora import parse
+
+    return [parse(item) for item in items]
+
+
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file for the DiT, FILE or FILE:SCALE "
+                                                   "(repeatable; official/ComfyUI or diffusers keys).")]
+
+
 def parse_dtype(name: str):
     import torch
 
@@ -119,7 +142,12 @@ def generate(
     sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps")] = 50,
     sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift")] = 16.0,
     sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale")] = 5.0,
-    sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver", help="unipc or dpm++.")] = "unipc",
+    sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver",
+                                               help="unipc, dpm++ or euler.")] = "unipc",
+    timesteps: Annotated[str | None, typer.Option("--timesteps", help="Explicit descending timesteps in (0, 1000], "
+                                                  "e.g. 1000,750,500,250 (distilled models); replaces "
+                                                  "--sample_steps, shifted by --sample_shift.")] = None,
+    lora: LoraOpt = None,
     base_seed: Annotated[int, typer.Option("--base_seed", "--base-seed", help="-1: random.")] = -1,
     save_file: Annotated[str | None, typer.Option("--save_file", "--save-file")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, cpu (default: cuda if any).")] = None,
@@ -184,7 +212,14 @@ def generate(
         size_given = _given(ctx, "size") and engine
         w, h = parse_size(size)
         frames_given = frame_num if (not engine or _given(ctx, "frame_num")) else None
-        validate(None, frames_given or 81, sample_steps, sample_guide_scale, w * h, sample_solver)
+        steps = parse_timesteps(timesteps)
+        if steps is not None and _given(ctx, "sample_steps") and sample_steps != len(steps):
+            raise CLIError(f"--sample_steps {sample_steps} contradicts the {len(steps)} --timesteps; give one of them")
+        validate(None, frames_given or 81, sample_steps, sample_guide_scale, w * h, sample_solver, steps)
+        if cfg_parallel and sample_guide_scale == 1.0:
+            raise CLIError("--cfg_parallel splits the cond and uncond branches, but guidance 1.0 runs only the cond "
+                           "branch; drop --cfg_parallel (or use --ulysses_size)")
+        loras = parse_loras(lora)
         if ckpt_dir is None and not engine:
             raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
         if (first_frame is None) != (last_frame is None):
@@ -225,12 +260,13 @@ def generate(
             if override:
                 engine_options["overrides"] = parse_overrides(override)
             pipe = load_pipeline(ckpt_dir, plan, run, device=device, dtype=parse_dtype(dtype), attention=attention,
-                                 kernels=kernels, memory=memory, cuda_graphs=cuda_graphs, **engine_options)
+                                 kernels=kernels, memory=memory, cuda_graphs=cuda_graphs, lora=loras,
+                                 **engine_options)
             video = pipe(first, last, prompt, negative_prompt=negative_prompt,
                          max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
                          sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
-                         decode=run.is_main)  # only rank 0 decodes and writes
+                         decode=run.is_main, timesteps=steps)  # only rank 0 decodes and writes
             if run.is_main:
                 for note in video.notes:
                     typer.echo(f"note: {note}", err=True)
@@ -242,7 +278,8 @@ def generate(
                            f"{video.frames.shape[1]}, seed {seed}) in {t['total']:.2f} s: text "
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
                            f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
-                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s")
+                           f"({t['denoise'] / (len(steps) if steps else sample_steps):.3f} s/step), vae decode "
+                           f"{t['vae_decode']:.2f} s")
     except typer.Exit:  # click's Exit is a RuntimeError: not an error here
         raise
     except _known_errors() as e:
@@ -271,7 +308,7 @@ CkptDirOpt = Annotated[str, typer.Option("--ckpt_dir", "--ckpt-dir", help="Check
 ExactSizeOpt = Annotated[str, typer.Option("--size", help="Video size W*H (exact; multiples of 16).")]
 FrameNumOpt = Annotated[int, typer.Option("--frame_num", "--frame-num")]
 ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")]
-BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1 (guidance 1.0: CFG-free).")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
 DebugOpt = Annotated[bool, typer.Option("--debug")]
 DEFAULT_COMPONENTS = "t5,clip,dit,vae_encoder,vae_decoder"  # export.specs.COMPONENTS (not imported: torch)
@@ -287,6 +324,7 @@ def export(
     components: ComponentsOpt = DEFAULT_COMPONENTS,
     batch: BatchOpt = 2,
     calib_steps: CalibStepsOpt = 4,
+    lora: LoraOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -297,7 +335,7 @@ def export(
         t0 = time.perf_counter()
         calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
-                   calibration=calibration)
+                   calibration=calibration, lora=parse_loras(lora))
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
     except _known_errors() as e:
         _fail(e, debug)
@@ -321,6 +359,7 @@ def build(
     strip_weights: Annotated[bool, typer.Option("--strip_weights", help="tensorrt: weight-stripped plans, "
                                                 "refitted from the ONNX at load.")] = False,
     calib_steps: CalibStepsOpt = 4,
+    lora: LoraOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -337,7 +376,7 @@ def build(
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights)
             _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
-                  force=force, log=typer.echo, attention=attention, **options)
+                  force=force, log=typer.echo, attention=attention, lora=parse_loras(lora), **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")
     except _known_errors() as e:
         _fail(e, debug)

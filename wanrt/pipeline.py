@@ -124,16 +124,23 @@ def conditioning_video(first: torch.Tensor, last: torch.Tensor, frame_num: int, 
 
 
 def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_scale: float, max_area: int,
-             sample_solver: str) -> None:
+             sample_solver: str, timesteps=None) -> None:
     """Request checks that need no model (cfg=None skips the model's RoPE limit)."""
+    from wanrt.schedulers import SOLVERS, check_timesteps
+
     if frame_num < 5 or (frame_num - 1) % 4:
         raise InputError(f"frame_num must be 4n+1 and at least 5 (e.g. 81), got {frame_num}")
     if sample_steps < 1:
         raise InputError(f"sample_steps must be >= 1, got {sample_steps}")
     if guide_scale < 0:
         raise InputError(f"guide scale must be >= 0, got {guide_scale}")
-    if sample_solver not in ("unipc", "dpm++"):
-        raise InputError(f"sample_solver must be 'unipc' or 'dpm++', got {sample_solver!r}")
+    if sample_solver not in SOLVERS:
+        raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {sample_solver!r}")
+    if timesteps is not None:
+        try:
+            check_timesteps(timesteps)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if max_area < 256:
         raise InputError(f"max_area must be at least 16*16 pixels, got {max_area}")
     t_lat = (frame_num - 1) // 4 + 1
@@ -183,7 +190,7 @@ class FLF2VPipeline:
                         backend: str = "eager", engine_dir: str | Path | None = None,
                         size: tuple[int, int] | None = None, frame_num: int | None = None,
                         memory: str = "resident", cuda_graphs: bool = True,
-                        overrides: dict[str, str] | None = None) -> FLF2VPipeline:
+                        overrides: dict[str, str] | None = None, lora=None) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
@@ -193,7 +200,9 @@ class FLF2VPipeline:
         engines were built from). Such a pipeline is fixed to its profile's size and frame count.
         memory: 'resident' | 'sequential' | 't5_cpu' (see runtime/memory.py); cuda_graphs: capture the
         denoising step as one CUDA graph on CUDA (False to compare). overrides: per-component backends,
-        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae)."""
+        e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae).
+        lora: [(file, scale), ...] merged into an eager DiT at load (models/lora.py); with a compiled DiT,
+        the LoRAs its engine was built with must be exactly these (None: take the engine as built)."""
         from wanrt.runtime.backends import COMPONENTS, Backends, eager, from_engine_dir
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,7 +218,7 @@ class FLF2VPipeline:
             w, h = size if size is not None else (None, None)
             got, config, tokenizer, target = from_engine_dir(
                 engine_dir, kind, device, w, h, frame_num, None if path is None else str(path),
-                components=[c for c in COMPONENTS if choice[c] == kind])
+                components=[c for c in COMPONENTS if choice[c] == kind], lora=lora)
             parts.update(got)
         eager_parts = [c for c in COMPONENTS if choice[c] == "eager"]
         models = None
@@ -222,7 +231,7 @@ class FLF2VPipeline:
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             load_device = "cpu" if memory != "resident" else device  # offloaded models never all sit on the GPU
             models = load(path, device=load_device, dtype=dtype if dtype != torch.float32 else None,
-                          components=eager_parts)
+                          components=eager_parts, lora=lora if "dit" in eager_parts else None)
             if memory != "resident" and models.dit is not None:
                 models.dit.to(device)
             ours = eager(models)
@@ -298,15 +307,27 @@ class FLF2VPipeline:
     def generate(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
                  max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
-                 seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None
-                 ) -> Video:
+                 seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None,
+                 timesteps=None) -> Video:
         """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's; the built-in
         tiny models: 64*64, 17).
+        sample_solver 'unipc' | 'dpm++' | 'euler'; timesteps: an explicit descending list in (0, 1000]
+        (e.g. [1000, 750, 500, 250] for 4-step distilled LoRAs) replacing the solver's grid of sample_steps.
+        guide_scale 1.0 is CFG-free: one batch-1 DiT call per step on the conditional branch, the negative
+        prompt is not encoded (a compiled DiT must be built with batch 1 for it, and batch 2 otherwise).
         decode=False skips the VAE decode (multi-process runs decode on rank 0 only); `cancel`, when
         set, stops the request between two denoising steps (raises runtime.step.Cancelled)."""
         notes: list[str] = []
         frame_num, max_area = self._resolve_target(frame_num, max_area)
-        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver)
+        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver, timesteps)
+        cfg_free = guide_scale == 1.0  # uncond + 1 * (cond - uncond) = cond: the uncond branch is never needed
+        batch = getattr(self.target, "batch", None)
+        if batch == 2 and cfg_free:
+            raise InputError("guidance 1.0 runs the DiT on the conditional branch only (batch 1), but this engine's "
+                             "DiT was built for batch 2 (CFG); build one with --batch 1, or use guidance != 1.0")
+        if batch == 1 and not cfg_free:
+            raise InputError(f"guidance {guide_scale} needs CFG (a batch-2 DiT), but this engine's DiT was built "
+                             "with --batch 1 for guidance 1.0; use --sample_guide_scale 1.0 or a batch-2 engine")
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         first, last = load_image(first_frame), load_image(last_frame)
@@ -331,7 +352,8 @@ class FLF2VPipeline:
         t0 = time.perf_counter()
         neg = negative_prompt or FLF2V_NEG_PROMPT
         with stage("text_encoder"):
-            context = self.encode_text([prompt, neg])  # (2, 512, text_dim): cond, uncond
+            # (2, 512, text_dim): cond, uncond; CFG-free: (1, 512, text_dim), the negative prompt unused
+            context = self.encode_text([prompt] if cfg_free else [prompt, neg])
         timings["text_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -351,7 +373,7 @@ class FLF2VPipeline:
         with stage("denoise"):
             latent = self.denoise(noise[None], context, clip_fea, y, sample_steps=sample_steps,
                                   sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
-                                  progress=progress, cancel=cancel)
+                                  progress=progress, cancel=cancel, timesteps=timesteps)
         timings["denoise"] = time.perf_counter() - t0
 
         if not decode:  # multi-process runs: rank 0 decodes, the others return no frames
@@ -379,12 +401,13 @@ class FLF2VPipeline:
 
     def denoise(self, latent: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, *,
                 sample_steps: int, sample_shift: float, guide_scale: float, sample_solver: str,
-                progress: bool = False, cancel=None) -> torch.Tensor:
-        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA). latent (1, 16, T, h, w)."""
+                progress: bool = False, cancel=None, timesteps=None) -> torch.Tensor:
+        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA), or one batch-1 call
+        when context holds only the cond prompt (guidance 1.0). latent (1, 16, T, h, w)."""
         from wanrt.runtime.step import CFGStep
 
         scheduler = make_scheduler(sample_solver, sample_shift)
-        scheduler.set_timesteps(sample_steps, device=self.device)
+        scheduler.set_timesteps(sample_steps, device=self.device, timesteps=timesteps)
         step = CFGStep(self.backends.dit, context, clip_fea, y, guide_scale, scheduler, latent)
         if progress:
             from rich.progress import Progress

@@ -32,8 +32,11 @@ def graph_file(graph: str, target: Target) -> str:
 def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str = "fp32",
            components: Iterable[str] = COMPONENTS, force: bool = False,
            log: Callable[[str], None] = print, inline_limit: int | None = None,
-           calibration: dict | None = None):
-    """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest."""
+           calibration: dict | None = None, lora=None):
+    """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest.
+
+    lora: [(file, scale), ...] merged into the DiT's weights (fp32, before the graph's cast); the DiT graph
+    entry records them, so exporting again with other LoRAs rewrites only the DiT graph."""
     from wanrt.engine.manifest import Manifest
     from wanrt.models.loading import Checkpoint
 
@@ -50,6 +53,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     ckpt = Checkpoint(ckpt_dir)
     cfg = ckpt.config
     specs = graph_specs(cfg, target)
+    lora_plan, lora_ids = _lora_plan(cfg, lora)  # every LoRA checked before anything is written
     if force and (out / "manifest.json").exists():
         (out / "manifest.json").unlink()
     manifest = Manifest.open(out)
@@ -63,14 +67,15 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
         for graph in GRAPHS[component]:
             key, rel = graph_key(graph, target), graph_file(graph, target)
             spec = specs[graph]
-            if not force and manifest.is_current("graphs", key, spec=spec.to_dict()):
+            extra = {"lora": lora_ids} if graph == "dit" else {}
+            if not force and manifest.is_current("graphs", key, spec=spec.to_dict(), **extra):
                 log(f"{key}: up to date")
                 continue
             t0 = time.perf_counter()
             log(f"{key}: tracing")
             module = build_graph(graph, cfg, target, precision)
             proto, weights = onnx_export.trace(module, spec, example_inputs(spec))
-            fetch = _fetcher(ckpt, component, module)
+            fetch = _fetcher(ckpt, component, module, lora_plan if graph == "dit" else None)
             if precision == "fp8" and graph == "dit":
                 from .fp8 import insert_qdq
 
@@ -85,17 +90,34 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             profile = target.tag if resolution_dependent(graph) else None
             manifest.record("graphs", key, files, graph=graph, profile=profile,
                             spec=spec.to_dict(), weight_bytes=info["bytes"], ops=checked["ops"],
-                            export_seconds=round(time.perf_counter() - t0, 2))
+                            export_seconds=round(time.perf_counter() - t0, 2), **extra)
             log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "
                 f"{time.perf_counter() - t0:.1f} s)")
     return manifest
 
 
-def _fetcher(ckpt, component: str, module: torch.nn.Module):
-    """name -> tensor for the graph's initializers: checkpoint weights under `net.`, else derived values."""
+def _lora_plan(cfg, lora):
+    """(LoRAPlan or None, manifest identities) for the DiT of `cfg`."""
+    from wanrt.models.dit import WanDiT
+    from wanrt.models.lora import as_specs, plan_for
+
+    specs = as_specs(lora)
+    if not specs:
+        return None, []
+    with torch.device("meta"):
+        dit = WanDiT(cfg.dit)
+    plan = plan_for(specs, dit)
+    return plan, [s.identity() for s in plan.specs]
+
+
+def _fetcher(ckpt, component: str, module: torch.nn.Module, lora_plan=None):
+    """name -> tensor for the graph's initializers: checkpoint weights under `net.`, else derived values
+    (the DiT's with the LoRAs of `lora_plan` merged in fp32)."""
     from wanrt.models.checkpoint import tied_names
 
     weights = ckpt.weights(_WEIGHTS[component.split("_")[0]])
+    if lora_plan is not None:
+        weights = lora_plan.patched(weights)
     derived = module.derived()
     ties = tied_names(module.net)
 

@@ -50,7 +50,8 @@ def load_pipeline(path: str | Path, plan: ParallelPlan, run: Session, device: st
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     plan.check(run.world_size, model_config(path))  # before the expensive load
-    models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None)
+    lora = options.pop("lora", None)
+    models = load(path, device=device, dtype=dtype if dtype != torch.float32 else None, lora=lora)
     groups = build_groups(plan)
     backends = eager(models)
     backends.dit = dit_backend(models.dit, groups)

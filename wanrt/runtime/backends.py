@@ -174,12 +174,13 @@ def graph_backends(graphs: dict) -> dict:
 
 def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int | None = None,
                     height: int | None = None, frame_num: int | None = None, checkpoint: str | None = None,
-                    components=COMPONENTS):
+                    components=COMPONENTS, lora=None):
     """Engine backends of `components` for one profile of an engine dir -> ({component: backend},
     WanConfig, tokenizer, Target).
 
     The manifest is checked first: a profile that does not exist, a --size/--frame_num that
-    contradicts the engine, or a checkpoint other than the one it was built from is refused.
+    contradicts the engine, or a checkpoint other than the one it was built from is refused; so is a
+    DiT built with LoRAs other than `lora` ([(file, scale), ...]; None accepts the engine as built).
     """
     from pathlib import Path
 
@@ -204,6 +205,10 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
     tok_dir = Path(engine_dir) / "tokenizer"  # absent for engines built from in-memory random weights
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
     target = Target(target.width, target.height, target.frame_num, m.data["batch"])
+    if lora is not None and "dit" in components:
+        from wanrt.engine import check_lora
+
+        check_lora(m, backend, target, lora)
     graphs = [g for c in components for g in COMPONENT_GRAPHS[c]]
     if backend == "onnxruntime":
         from wanrt.runtime.onnxruntime import load_graphs
