@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -199,3 +200,96 @@ def test_bad_specs(tmp_path):
     assert parse(f"{path}:0.25").scale == 0.25 and parse(str(path)).scale == 1.0
     with pytest.raises(LoRAError, match="finite"):
         parse(f"{path}:nan")
+
+
+# ------------------------------------------------------------------------------------------- engines
+
+
+def test_manifest_lora_check(tmp_path):
+    """check_lora compares (sha256, scale) in order with what the DiT's weights were built from, per backend:
+    ORT graphs, AOTI packages, TensorRT plans (weight-stripped plans: the ONNX they are refitted from)."""
+    from wanrt.engine import built_lora, check_lora
+    from wanrt.engine.manifest import EngineError, Manifest
+    from wanrt.export.specs import Target
+    from wanrt.models.lora import identities
+
+    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("official", 4), "b.st")
+    target = Target(64, 48, 9, 2)
+    ids = identities([(a, 0.5)])
+    m = Manifest(tmp_path, {"graphs": {"dit@64x48x9": {"lora": ids}}, "engines": {
+        "aoti:dit@64x48x9": {"lora": []}, "tensorrt:dit@64x48x9": {"settings": {"strip_weights": True}}}})
+    assert built_lora(m, "onnxruntime", target) == ids and built_lora(m, "tensorrt", target) == ids
+    check_lora(m, "onnxruntime", target, [(a, 0.5)])
+    check_lora(m, "tensorrt", target, [(a, 0.5)])
+    check_lora(m, "aoti", target, [])
+    for backend, lora, match in [("onnxruntime", [(a, 0.6)], "a.safetensors:0.5, not a.safetensors:0.6"),
+                                 ("onnxruntime", [(b, 0.5)], "not b.st:0.5"), ("onnxruntime", [], "not no LoRA"),
+                                 ("aoti", [(a, 0.5)], "built with no LoRA"), ("tensorrt", [], "refitted")]:
+        with pytest.raises(EngineError, match=match) as e:
+            check_lora(m, backend, target, lora)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_onnx_dit_with_lora_end_to_end(tiny_official, tmp_path):
+    """export --lora merges into the DiT graph's weights (ORT output equals the eager merged DiT), the manifest
+    records sha256 and scale, a pipeline asking for other LoRAs is refused, and another LoRA re-exports only
+    the DiT. ~1 minute on 2 cores."""
+    from tests.test_pipeline import frames
+    from wanrt.engine.manifest import EngineError, Manifest
+    from wanrt.export import export
+    from wanrt.export.specs import Target
+    from wanrt.models.lora import file_sha256
+    from wanrt.pipeline import FLF2VPipeline
+
+    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("diffusers", 9), "b.st")
+    out, target, logs = tmp_path / "engine", Target(64, 48, 9, 2), []
+    export(tiny_official, out, target, precision="fp32", components=["dit"], log=logs.append, lora=[(a, 0.5)])
+    entry = Manifest.load(out).entry("graphs", "dit@64x48x9")
+    assert entry["lora"] == [{"file": "a.safetensors", "sha256": file_sha256(a), "scale": 0.5}]
+    eager_parts = {c: "eager" for c in ("text_encoder", "image_encoder", "vae")}
+
+    def pipe(**kw):
+        return FLF2VPipeline.from_pretrained(tiny_official, device="cpu", backend="onnxruntime", engine_dir=out,
+                                             overrides=eager_parts, **kw)
+
+    f1, f2 = frames(48, 64)
+    kw = dict(seed=0, progress=False, sample_steps=3)
+    got = pipe(lora=[(a, 0.5)])(f1, f2, "a bird", **kw).frames.astype(np.float64)
+    ref = FLF2VPipeline.from_pretrained(tiny_official, device="cpu", lora=[(a, 0.5)])(
+        f1, f2, "a bird", max_area=64 * 48, frame_num=9, **kw).frames.astype(np.float64)
+    plain = FLF2VPipeline.from_pretrained(tiny_official, device="cpu")(
+        f1, f2, "a bird", max_area=64 * 48, frame_num=9, **kw).frames.astype(np.float64)
+    assert np.abs(got - ref).max() <= 1 < np.abs(plain - ref).max()  # the LoRA is in the graph
+    pipe()  # None: the engine as built
+    for lora in ([], [(a, 1.0)], [(b, 0.5)]):
+        with pytest.raises(EngineError, match="rebuild it"):
+            pipe(lora=lora)
+    logs.clear()
+    export(tiny_official, out, target, precision="fp32", components=["dit"], log=logs.append, lora=[(b, 0.5)])
+    assert any("dit@64x48x9: tracing" in s for s in logs)
+    pipe(lora=[(b, 0.5)])
+    logs.clear()
+    export(tiny_official, out, target, precision="fp32", components=["dit"], log=logs.append, lora=[(b, 0.5)])
+    assert logs == ["dit@64x48x9: up to date"]
+
+
+def test_cli_distilled_lora_recipe(tmp_path):
+    """The README's 4-step recipe on the tiny model: --lora FILE:SCALE, euler, a timestep list, guidance 1.0."""
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+
+    path = _refusal(tmp_path, _lora("official"), "distill.safetensors")
+    out = tmp_path / "v.mp4"
+    args = ["generate", "--ckpt_dir", "tiny-random", "--size", "64*64", "--frame_num", "5", "--lora", f"{path}:0.8",
+            "--sample_solver", "euler", "--timesteps", "1000,750,500,250", "--sample_guide_scale", "1.0",
+            "--sample_shift", "5", "--save_file", str(out), "--base_seed", "0"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and "s/step" in r.output
+    bad = CliRunner().invoke(app, [*args[:-4], "--timesteps", "250,500", "--save_file", str(out)])
+    assert bad.exit_code == 1 and "strictly descending" in bad.output
+    bad = CliRunner().invoke(app, [*args[:8], f"{tmp_path / 'nope.safetensors'}:0.8"])
+    assert bad.exit_code == 1 and "does not exist" in bad.output
