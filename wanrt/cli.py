@@ -294,13 +294,13 @@ def _target(size: str, frame_num: int, batch: int, components: str):
     return Target(w, h, frame_num, batch), [c.strip() for c in components.split(",") if c.strip()]
 
 
-def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int) -> dict | None:
+def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int, lora=None) -> dict | None:
     """fp8 DiT exports need activation scales from a few real denoising steps (stored in the engine dir)."""
     if precision != "fp8" or "dit" not in parts:
         return None
     from wanrt.export.fp8 import calibrate_to
 
-    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo)
+    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo, lora=lora)
 
 
 # Options that `export` and `build` share (one target: exact size, frame count, components, DiT batch).
@@ -333,9 +333,10 @@ def export(
 
         target, parts = _target(size, frame_num, batch, components)
         t0 = time.perf_counter()
-        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)
+        loras = parse_loras(lora)
+        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps, loras)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
-                   calibration=calibration, lora=parse_loras(lora))
+                   calibration=calibration, lora=loras)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
     except _known_errors() as e:
         _fail(e, debug)
@@ -374,7 +375,7 @@ def build(
 
             require()  # one clear line before any export work when TensorRT is absent
             options = dict(workspace_gb=workspace_gb, optimization_level=opt_level, strip_weights=strip_weights)
-            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps)  # stored in the engine dir
+            _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps, parse_loras(lora))  # stored
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
                   force=force, log=typer.echo, attention=attention, lora=parse_loras(lora), **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")

@@ -58,9 +58,10 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
 LORA_SWAP = {
     "onnxruntime": "re-export of the DiT graph's weights (the other graphs stay); no build step exists",
     "aoti": "recompile of the DiT package: AOTInductor bakes the weights into the .pt2 as constants",
-    "tensorrt": "with --strip_weights: re-export of the DiT ONNX weights, and the weight-stripped plan is refitted "
-                "from them at load (no TensorRT build while the graph proto is unchanged, i.e. weights stored "
-                "as external data: every full-size model); without: a rebuild of the DiT plan",
+    "tensorrt": "with --strip_weights (bf16/fp32): re-export of the DiT ONNX weights, and the weight-stripped plan "
+                "is refitted from them at load (no TensorRT build while the graph proto is unchanged, i.e. weights "
+                "stored as external data: every full-size model); otherwise (and for fp8, recalibrated): a rebuild "
+                "of the DiT plan",
 }
 
 
@@ -182,8 +183,10 @@ def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, l
             settings = trt_build.settings_for(specs[graph], **options)
             onnx_rel = graph_file(graph, target)
             onnx_sha = manifest.entry("graphs", graph_key(graph, target))["files"][onnx_rel]
-            # a weight-stripped plan takes its weights (LoRAs included) from the ONNX at load: refit, no rebuild
-            extra = {"lora": lora_ids} if graph == "dit" and not settings.strip_weights else {}
+            # a weight-stripped plan takes its weights (LoRAs included) from the ONNX at load: refit, no rebuild;
+            # not for fp8, whose Q/DQ scales are recalibrated with the LoRA (a scale change may need a rebuild)
+            refit = settings.strip_weights and precision != "fp8"
+            extra = {"lora": lora_ids} if graph == "dit" and not refit else {}
             if not force and manifest.is_current("engines", key, settings=settings.to_dict(), onnx_sha256=onnx_sha,
                                                  **extra):
                 log(f"{key}: up to date")

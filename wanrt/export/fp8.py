@@ -67,20 +67,24 @@ def calibrate(pipe, target, steps: int = 4, prompt: str | None = None, frames=No
             target.frame_num], "activation_amax": amax, "weight_amax": weights}
 
 
-def calibrate_to(ckpt_dir, out, target, steps: int = 4, log: Callable[[str], None] = print) -> dict:
-    """Calibrate with the eager pipeline (on CUDA when present) and store out/calibration/fp8_scales.json."""
+def calibrate_to(ckpt_dir, out, target, steps: int = 4, log: Callable[[str], None] = print, lora=None) -> dict:
+    """Calibrate with the eager pipeline (on CUDA when present) and store out/calibration/fp8_scales.json.
+    With `lora`, the DiT is calibrated with the LoRAs merged (its weight scales depend on them)."""
     from wanrt.engine.manifest import write_json_atomic
+    from wanrt.models.lora import identities
     from wanrt.pipeline import FLF2VPipeline
 
+    lora_ids = identities(lora)
     path = Path(out) / "calibration" / "fp8_scales.json"
     if path.is_file():
         data = json.loads(path.read_text())
-        if data.get("steps") == steps and data.get("target") == [target.width, target.height, target.frame_num]:
+        if data.get("steps") == steps and data.get("target") == [target.width, target.height, target.frame_num] \
+                and data.get("lora", []) == lora_ids:
             log(f"fp8: using the calibration in {path}")
             return data
     log(f"fp8: calibrating on {steps} denoising steps at {target.width}x{target.height}x{target.frame_num}")
-    pipe = FLF2VPipeline.from_pretrained(ckpt_dir)
-    data = calibrate(pipe, target, steps)
+    pipe = FLF2VPipeline.from_pretrained(ckpt_dir, lora=lora)
+    data = calibrate(pipe, target, steps) | {"lora": lora_ids}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
     return data
