@@ -213,7 +213,7 @@ def test_manifest_lora_check(tmp_path):
     from wanrt.export.specs import Target
     from wanrt.models.lora import identities
 
-    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("official", 4), "b.st")
+    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("official", 4), "b.safetensors")
     target = Target(64, 48, 9, 2)
     ids = identities([(a, 0.5)])
     m = Manifest(tmp_path, {"graphs": {"dit@64x48x9": {"lora": ids}}, "engines": {
@@ -223,7 +223,7 @@ def test_manifest_lora_check(tmp_path):
     check_lora(m, "tensorrt", target, [(a, 0.5)])
     check_lora(m, "aoti", target, [])
     for backend, lora, match in [("onnxruntime", [(a, 0.6)], "a.safetensors:0.5, not a.safetensors:0.6"),
-                                 ("onnxruntime", [(b, 0.5)], "not b.st:0.5"), ("onnxruntime", [], "not no LoRA"),
+                                 ("onnxruntime", [(b, 0.5)], "not b.safetensors:0.5"), ("onnxruntime", [], "not no LoRA"),
                                  ("aoti", [(a, 0.5)], "built with no LoRA"), ("tensorrt", [], "refitted")]:
         with pytest.raises(EngineError, match=match) as e:
             check_lora(m, backend, target, lora)
@@ -243,7 +243,7 @@ def test_onnx_dit_with_lora_end_to_end(tiny_official, tmp_path):
     from wanrt.models.lora import file_sha256
     from wanrt.pipeline import FLF2VPipeline
 
-    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("diffusers", 9), "b.st")
+    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("diffusers", 9), "b.safetensors")
     out, target, logs = tmp_path / "engine", Target(64, 48, 9, 2), []
     export(tiny_official, out, target, precision="fp32", components=["dit"], log=logs.append, lora=[(a, 0.5)])
     entry = Manifest.load(out).entry("graphs", "dit@64x48x9")
