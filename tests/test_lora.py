@@ -213,7 +213,8 @@ def test_manifest_lora_check(tmp_path):
     from wanrt.export.specs import Target
     from wanrt.models.lora import identities
 
-    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("official", 4), "b.safetensors")
+    a = _refusal(tmp_path, _lora("official"), "a.safetensors")
+    b = _refusal(tmp_path, _lora("official", 4), "b.safetensors")
     target = Target(64, 48, 9, 2)
     ids = identities([(a, 0.5)])
     m = Manifest(tmp_path, {"graphs": {"dit@64x48x9": {"lora": ids}}, "engines": {
@@ -223,7 +224,8 @@ def test_manifest_lora_check(tmp_path):
     check_lora(m, "tensorrt", target, [(a, 0.5)])
     check_lora(m, "aoti", target, [])
     for backend, lora, match in [("onnxruntime", [(a, 0.6)], "a.safetensors:0.5, not a.safetensors:0.6"),
-                                 ("onnxruntime", [(b, 0.5)], "not b.safetensors:0.5"), ("onnxruntime", [], "not no LoRA"),
+                                 ("onnxruntime", [(b, 0.5)], "not b.safetensors:0.5"),
+                                 ("onnxruntime", [], "not no LoRA"),
                                  ("aoti", [(a, 0.5)], "built with no LoRA"), ("tensorrt", [], "refitted")]:
         with pytest.raises(EngineError, match=match) as e:
             check_lora(m, backend, target, lora)
@@ -243,7 +245,8 @@ def test_onnx_dit_with_lora_end_to_end(tiny_official, tmp_path):
     from wanrt.models.lora import file_sha256
     from wanrt.pipeline import FLF2VPipeline
 
-    a, b = _refusal(tmp_path, _lora("official"), "a.safetensors"), _refusal(tmp_path, _lora("diffusers", 9), "b.safetensors")
+    a = _refusal(tmp_path, _lora("official"), "a.safetensors")
+    b = _refusal(tmp_path, _lora("diffusers", 9), "b.safetensors")
     out, target, logs = tmp_path / "engine", Target(64, 48, 9, 2), []
     export(tiny_official, out, target, precision="fp32", components=["dit"], log=logs.append, lora=[(a, 0.5)])
     entry = Manifest.load(out).entry("graphs", "dit@64x48x9")
@@ -293,3 +296,20 @@ def test_cli_distilled_lora_recipe(tmp_path):
     assert bad.exit_code == 1 and "strictly descending" in bad.output
     bad = CliRunner().invoke(app, [*args[:8], f"{tmp_path / 'nope.safetensors'}:0.8"])
     assert bad.exit_code == 1 and "does not exist" in bad.output
+
+
+def test_fp8_calibration_sees_the_merged_weights(tiny_official, tmp_path):
+    """fp8 weight scales come from the DiT with the LoRA merged, and a stored calibration is reused only for
+    the same LoRAs."""
+    from wanrt.export.fp8 import calibrate_to
+    from wanrt.export.specs import Target
+
+    path = _refusal(tmp_path, _lora("official"), "l.safetensors")
+    target, logs = Target(32, 32, 5, 2), []
+    plain = calibrate_to(tiny_official, tmp_path / "e", target, steps=1, log=logs.append)
+    merged = calibrate_to(tiny_official, tmp_path / "e", target, steps=1, log=logs.append, lora=[(path, 1.0)])
+    again = calibrate_to(tiny_official, tmp_path / "e", target, steps=1, log=logs.append, lora=[(path, 1.0)])
+    name = "blocks.0.self_attn.q"
+    assert plain["lora"] == [] and merged["lora"][0]["scale"] == 1.0 and again == merged
+    assert merged["weight_amax"][name] != plain["weight_amax"][name]
+    assert [s.split(":")[0] for s in logs] == ["fp8", "fp8", "fp8"] and "using the calibration" in logs[-1]
