@@ -204,3 +204,13 @@ def test_batch1_engine_serves_guidance_one_and_refuses_cfg(tiny_official, dit_en
     with pytest.raises(InputError, match="build one with --batch 1"):
         engines[2](a, b, "a bird", guide_scale=1.0, **kw)
     assert engines[2](a, b, "a bird", guide_scale=5.0, **kw).frames.shape == (9, 48, 64, 3)
+
+
+def test_cli_cfg_parallel_needs_cfg():
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "--ckpt_dir", "tiny", "--nproc", "2", "--cfg_parallel",
+                                 "--sample_guide_scale", "1.0"])
+    assert r.exit_code == 1 and "guidance 1.0 runs only the cond branch" in r.output
