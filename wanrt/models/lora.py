@@ -130,6 +130,10 @@ def _read_metadata_alpha(path: Path) -> float | None:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise LoRAError(f"{path}: unreadable {PEFT_METADATA_KEY} metadata") from None
+    if isinstance(meta, dict) and any(k.startswith("transformer.") for k in meta):  # a pipeline's save_lora_weights
+        meta = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
+    if not isinstance(meta, dict):
+        raise LoRAError(f"{path}: {PEFT_METADATA_KEY} metadata is not a LoraConfig dict")
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise LoRAError(f"{path}: per-module rank_pattern/alpha_pattern in the PEFT metadata is not supported; "
                         "merge the LoRA into plain lora_A/lora_B keys first")
