@@ -90,28 +90,31 @@ def calibrate(pipe, target, steps: int = 4, prompts: Sequence[str] = PROMPTS, fr
 
 
 def calibrate_to(ckpt_dir, out, target, steps: int = 4, log: Callable[[str], None] = print,
-                 recipe: str = "nvidia", device=None, attention: bool = False) -> dict:
+                 recipe: str = "nvidia", device=None, attention: bool = False, lora=None) -> dict:
     """Calibrate with the eager pipeline (on CUDA when present) and store out/calibration/fp8_scales.json.
-    Everything the calibration loaded is released (and the CUDA cache emptied) before returning."""
+    Everything the calibration loaded is released (and the CUDA cache emptied) before returning.
+    With `lora`, the DiT is calibrated with the LoRAs merged (its weight scales depend on them)."""
     from wanrt.engine.manifest import write_json_atomic
+    from wanrt.models.lora import identities
     from wanrt.pipeline import FLF2VPipeline
     from wanrt.runtime.backends import load_backends
 
+    lora_ids = identities(lora)
     path = Path(out) / "calibration" / "fp8_scales.json"
     want = [target.width, target.height, target.frame_num]
     if path.is_file():
         data = json.loads(path.read_text())
         if data.get("steps") == steps and data.get("target") == want and data.get("recipe") == recipe \
-                and ("attention_amax" in data or not attention):
+                and ("attention_amax" in data or not attention) and data.get("lora", []) == lora_ids:
             log(f"fp8: using the calibration in {path}")
             return data
     log(f"fp8: calibrating on {steps} denoising steps x {len(PROMPTS)} prompts at "
         f"{target.width}x{target.height}x{target.frame_num} (recipe {recipe})")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    got = load_backends(ckpt_dir, device)
+    got = load_backends(ckpt_dir, device, lora=lora)
     pipe = FLF2VPipeline(got.backends, got.config, got.tokenizer, device)
     try:
-        data = calibrate(pipe, target, steps, recipe=recipe, attention=attention)
+        data = calibrate(pipe, target, steps, recipe=recipe, attention=attention) | {"lora": lora_ids}
     finally:
         del pipe, got
         release(device)

@@ -66,6 +66,29 @@ def parse_overrides(text: str) -> dict[str, str]:
     return out
 
 
+def parse_timesteps(text: str | None) -> list[float] | None:
+    """'1000,750,500,250' -> [1000.0, 750.0, 500.0, 250.0] (range and order are checked by the pipeline)."""
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise CLIError(f"--timesteps takes comma-separated numbers such as 1000,750,500,250, got {text!r}") from None
+
+
+def parse_loras(items: list[str] | None):
+    """['a.safetensors', 'b.safetensors:0.8'] -> [LoRASpec, ...]; None when no --lora was given."""
+    if not items:
+        return None
+    from wanrt.models.lora import parse
+
+    return [parse(item) for item in items]
+
+
+LoraOpt = Annotated[list[str] | None, typer.Option("--lora", help="LoRA file for the DiT, FILE or FILE:SCALE "
+                                                   "(repeatable; official/ComfyUI or diffusers keys).")]
+
+
 def parse_dtype(name: str):
     import torch
 
@@ -140,7 +163,12 @@ def generate(
     sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps")] = 50,
     sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift")] = 16.0,
     sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale")] = 5.0,
-    sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver", help="unipc or dpm++.")] = "unipc",
+    sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver",
+                                               help="unipc, dpm++ or euler.")] = "unipc",
+    timesteps: Annotated[str | None, typer.Option("--timesteps", help="Explicit descending timesteps in (0, 1000], "
+                                                  "e.g. 1000,750,500,250 (distilled models); replaces "
+                                                  "--sample_steps, shifted by --sample_shift.")] = None,
+    lora: LoraOpt = None,
     base_seed: Annotated[int, typer.Option("--base_seed", "--base-seed", help="-1: random.")] = -1,
     save_file: Annotated[str | None, typer.Option("--save_file", "--save-file", help="Video file (.mp4, .mov or "
                                                  ".mkv). Default: a new file named for the task, the real size, the "
@@ -238,12 +266,19 @@ def generate(
         frames_given = frame_num if (not engine or _given(ctx, "frame_num")) else None
         if base_seed < -1 or base_seed >= 2**63:
             raise CLIError(f"--base_seed must be -1 (random) or 0 .. 2**63-1, got {base_seed}")
+        steps = parse_timesteps(timesteps)
+        if steps is not None and _given(ctx, "sample_steps") and sample_steps != len(steps):
+            raise CLIError(f"--sample_steps {sample_steps} contradicts the {len(steps)} --timesteps; give one of them")
         validate(None, 81 if frames_given is None else frames_given, sample_steps, sample_guide_scale, w * h,
-                 sample_solver, sample_shift)
+                 sample_solver, sample_shift, timesteps=steps)
         _check_device(device)
         from wanrt.runtime.cache import check as check_cache
 
         check_cache(cache, cache_threshold)
+        if cfg_parallel and sample_guide_scale == 1.0:
+            raise CLIError("--cfg_parallel splits the cond and uncond branches, but guidance 1.0 runs only the cond "
+                           "branch; drop --cfg_parallel (or use --ulysses_size)")
+        loras = parse_loras(lora)
         if ckpt_dir is None and not engine:
             raise CLIError("--ckpt_dir is required (a checkpoint folder, or 'tiny' for the built-in model)")
         if (first_frame is None) != (last_frame is None):
@@ -288,13 +323,14 @@ def generate(
             if precision == "fp8":
                 engine_options.update(precision="fp8", fp8_keep=fp8_keep)
             pipe = load_pipeline(ckpt_dir, plan, run, device=device, dtype=parse_dtype(dtype), attention=attention,
-                                 kernels=kernels, memory=memory, cuda_graphs=cuda_graphs, **engine_options)
+                                 kernels=kernels, memory=memory, cuda_graphs=cuda_graphs, lora=loras,
+                                 **engine_options)
             video = pipe(first, last, prompt, negative_prompt=negative_prompt,
                          max_area=w * h if (size_given or not engine) else None, frame_num=frames_given,
                          sample_steps=sample_steps, sample_shift=sample_shift, guide_scale=sample_guide_scale,
                          sample_solver=sample_solver, seed=seed, progress=sys.stderr.isatty() and run.is_main,
                          decode=run.is_main, last_frame_fit=last_frame_fit, cache=cache,
-                         cache_threshold=cache_threshold)  # only rank 0 decodes and writes
+                         cache_threshold=cache_threshold, timesteps=steps)  # only rank 0 decodes and writes
             if run.is_main:
                 for note in video.notes:
                     typer.echo(f"note: {note}", err=True)
@@ -309,8 +345,9 @@ def generate(
                            f"{video.frames.shape[1]}, seed {seed}) in {t['total']:.2f} s: text "
                            f"{t['text_encoder']:.2f} s, image {t['image_encoder']:.2f} s, vae encode "
                            f"{t['vae_encode']:.2f} s, denoise {t['denoise']:.2f} s "
-                           f"({t['denoise'] / sample_steps:.3f} s/step), vae decode {t['vae_decode']:.2f} s; "
-                           f"{video.dit_calls} DiT calls for {sample_steps} steps")
+                           f"({t['denoise'] / (len(steps) if steps else sample_steps):.3f} s/step), vae decode "
+                           f"{t['vae_decode']:.2f} s; {video.dit_calls} DiT calls for "
+                           f"{len(steps) if steps else sample_steps} steps")
     except (typer.Exit, KeyboardInterrupt):  # click's Exit is a RuntimeError: not an error here; Ctrl-C
         raise  # must not reach _known_errors(), whose imports fail inside a half-imported torch
     except _known_errors() as e:
@@ -335,13 +372,13 @@ def _target(ckpt_dir: str, out: str, size: str | None, frame_num: int | None, ba
 
 
 def _fp8_calibration(ckpt_dir, out, target, precision: str, parts: list[str], steps: int,
-                     attention: bool = False) -> dict | None:
+                     attention: bool = False, lora=None) -> dict | None:
     """fp8 DiT exports need activation scales from a few real denoising steps (stored in the engine dir)."""
     if precision != "fp8" or "dit" not in parts:
         return None
     from wanrt.calibration import calibrate_to
 
-    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo, attention=attention)
+    return calibrate_to(ckpt_dir, out, target, steps=steps, log=typer.echo, attention=attention, lora=lora)
 
 
 # Options that `export` and `build` share (one target: exact size, frame count, components, DiT batch).
@@ -351,7 +388,7 @@ ExactSizeOpt = Annotated[str | None, typer.Option("--size", help="Video size W*H
 FrameNumOpt = Annotated[int | None, typer.Option("--frame_num", "--frame-num", help="4n+1 frames. Default 81; "
                                                  "the built-in tiny models: 17.")]
 ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")]
-BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1.")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1 (guidance 1.0: CFG-free).")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
 DebugOpt = Annotated[bool, typer.Option("--debug")]
 _GRAPH_ATTENTION_HELP = ("How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, "
@@ -377,6 +414,7 @@ def export(
     calib_steps: CalibStepsOpt = 4,
     graph_attention: ExportAttentionOpt = "matmul",
     fp8_attention: Fp8AttentionOpt = False,
+    lora: LoraOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if files are up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -385,9 +423,11 @@ def export(
 
         target, parts = _target(ckpt_dir, out, size, frame_num, batch, components)
         t0 = time.perf_counter()
-        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps, fp8_attention)
+        loras = parse_loras(lora)
+        calibration = _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps, fp8_attention, loras)
         run_export(ckpt_dir, out, target, precision=precision, components=parts, force=force, log=typer.echo,
-                   calibration=calibration, graph_attention=graph_attention, fp8_attention=fp8_attention)
+                   calibration=calibration, graph_attention=graph_attention, fp8_attention=fp8_attention,
+                   lora=loras)
         typer.echo(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
     except KeyboardInterrupt:
         raise
@@ -418,6 +458,7 @@ def build(
     calib_steps: CalibStepsOpt = 4,
     graph_attention: GraphAttentionOpt = "matmul",
     fp8_attention: Fp8AttentionOpt = False,
+    lora: LoraOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -436,9 +477,9 @@ def build(
             if attention in ("flash", "sage") and graph_attention == "matmul":  # our kernels, as plugins
                 options["graph_attention"] = attention
             _fp8_calibration(ckpt_dir, out, target, precision, parts, calib_steps,  # stored in the engine dir
-                             fp8_attention)
+                             fp8_attention, parse_loras(lora))
         run_build(ckpt_dir, out, target, backend=backend, precision=precision, components=parts, device=device,
-                  force=force, log=typer.echo, attention=attention, **options)
+                  force=force, log=typer.echo, attention=attention, lora=parse_loras(lora), **options)
         typer.echo(f"built {backend} engines in {out} in {time.perf_counter() - t0:.1f} s")
     except KeyboardInterrupt:
         raise

@@ -155,9 +155,11 @@ def conditioning_video(first: torch.Tensor, last: torch.Tensor, frame_num: int, 
 
 
 def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_scale: float, max_area: int,
-             sample_solver: str, sample_shift: float = 16.0, seed: int = 0) -> None:
+             sample_solver: str, sample_shift: float = 16.0, seed: int = 0, timesteps=None) -> None:
     """Request checks that need no model (cfg=None skips the model's RoPE limit). NaN or infinite
     numbers are refused here: they would run to the end and give an all-black video."""
+    from wanrt.schedulers import SOLVERS, check_timesteps
+
     for name, value in (("guide scale", guide_scale), ("sample_shift", sample_shift)):
         if not math.isfinite(value):
             raise InputError(f"{name} must be a finite number, got {value}")
@@ -171,8 +173,13 @@ def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_sca
         raise InputError(f"sample_steps must be >= 1, got {sample_steps}")
     if guide_scale < 0:
         raise InputError(f"guide scale must be >= 0, got {guide_scale}")
-    if sample_solver not in ("unipc", "dpm++"):
-        raise InputError(f"sample_solver must be 'unipc' or 'dpm++', got {sample_solver!r}")
+    if sample_solver not in SOLVERS:
+        raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {sample_solver!r}")
+    if timesteps is not None:
+        try:
+            check_timesteps(timesteps)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if max_area < 256:
         raise InputError(f"max_area must be at least 16*16 pixels, got {max_area}")
     t_lat = (frame_num - 1) // 4 + 1
@@ -239,7 +246,7 @@ class FLF2VPipeline:
                         size: tuple[int, int] | None = None, frame_num: int | None = None,
                         memory: str = "resident", cuda_graphs: bool = True,
                         overrides: dict[str, str] | None = None, precision: str | None = None,
-                        fp8_keep: int = 0, **load_options) -> FLF2VPipeline:
+                        fp8_keep: int = 0, lora=None, **load_options) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
@@ -252,6 +259,8 @@ class FLF2VPipeline:
         e.g. {"vae": "eager"} with backend="tensorrt" (components: text_encoder, image_encoder, dit, vae).
         precision 'fp8' (eager DiT): the bf16 map with the DiT block GEMMs in FP8 (wanrt.kernels.fp8),
         except the first and last `fp8_keep` blocks; engines carry the precision they were built with.
+        lora: [(file, scale), ...] merged into an eager DiT at load (models/lora.py); with a compiled DiT,
+        the LoRAs its engine was built with must be exactly these (None: take the engine as built).
         The backends come from the one assembler, wanrt.runtime.load_backends (`load_options` go to it)."""
         from wanrt.runtime.backends import BackendChoiceError, load_backends
 
@@ -266,7 +275,8 @@ class FLF2VPipeline:
             load_options |= {"precision": precision, "fp8_keep": fp8_keep}
         try:
             got = load_backends(path, device, backend=backend, overrides=overrides, engine_dir=engine_dir,
-                                size=size, frame_num=frame_num, dtype=dtype, memory=memory, **load_options)
+                                size=size, frame_num=frame_num, dtype=dtype, memory=memory, lora=lora,
+                                **load_options)
         except BackendChoiceError as e:
             raise InputError(str(e)) from None
         backends, config, tokenizer, target = got.backends, got.config, got.tokenizer, got.target
@@ -333,10 +343,14 @@ class FLF2VPipeline:
                  max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
                  sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
                  seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None,
-                 last_frame_fit: str = "resize", cache: str = "none", cache_threshold: float | None = None
-                 ) -> Video:
+                 last_frame_fit: str = "resize", cache: str = "none", cache_threshold: float | None = None,
+                 timesteps=None) -> Video:
         """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's; the built-in
         tiny models: 64*64, 17).
+        sample_solver 'unipc' | 'dpm++' | 'euler'; timesteps: an explicit descending list in (0, 1000]
+        (e.g. [1000, 750, 500, 250] for 4-step distilled LoRAs) replacing the solver's grid of sample_steps.
+        guide_scale 1.0 is CFG-free: one batch-1 DiT call per step on the conditional branch, the negative
+        prompt is not encoded (a compiled DiT must be built with batch 1 for it, and batch 2 otherwise).
         decode=False skips the VAE decode (multi-process runs decode on rank 0 only); `cancel`, when
         set, stops the request between two denoising steps (raises runtime.step.Cancelled).
         last_frame_fit: a last frame of another size than the first is 'resize'd to it (center crop to
@@ -346,8 +360,17 @@ class FLF2VPipeline:
         model's documented default; higher skips more steps)."""
         notes: list[str] = []
         frame_num, max_area = self._resolve_target(frame_num, max_area)
-        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver, sample_shift, seed)
+        validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver, sample_shift, seed,
+                 timesteps=timesteps)
         self._check_cache(cache, cache_threshold)
+        cfg_free = guide_scale == 1.0  # uncond + 1 * (cond - uncond) = cond: the uncond branch is never needed
+        batch = getattr(self.target, "batch", None)
+        if batch == 2 and cfg_free:
+            raise InputError("guidance 1.0 runs the DiT on the conditional branch only (batch 1), but this engine's "
+                             "DiT was built for batch 2 (CFG); build one with --batch 1, or use guidance != 1.0")
+        if batch == 1 and not cfg_free:
+            raise InputError(f"guidance {guide_scale} needs CFG (a batch-2 DiT), but this engine's DiT was built "
+                             "with --batch 1 for guidance 1.0; use --sample_guide_scale 1.0 or a batch-2 engine")
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         if last_frame_fit not in ("resize", "official"):
@@ -379,7 +402,8 @@ class FLF2VPipeline:
         t0 = time.perf_counter()
         neg = negative_prompt or FLF2V_NEG_PROMPT
         with stage("text_encoder"):
-            context = self.encode_text([prompt, neg])  # (2, 512, text_dim): cond, uncond
+            # (2, 512, text_dim): cond, uncond; CFG-free: (1, 512, text_dim), the negative prompt unused
+            context = self.encode_text([prompt] if cfg_free else [prompt, neg])
         timings["text_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -401,7 +425,7 @@ class FLF2VPipeline:
             latent = self.denoise(noise[None], context, clip_fea, y, sample_steps=sample_steps,
                                   sample_shift=sample_shift, guide_scale=guide_scale, sample_solver=sample_solver,
                                   progress=progress, cancel=cancel, cache=cache, cache_threshold=cache_threshold,
-                                  stats=stats)
+                                  stats=stats, timesteps=timesteps)
         timings["denoise"] = time.perf_counter() - t0
         check_finite(latent, "the denoised latent")
 
@@ -446,14 +470,15 @@ class FLF2VPipeline:
     def denoise(self, latent: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, *,
                 sample_steps: int, sample_shift: float, guide_scale: float, sample_solver: str,
                 progress: bool = False, cancel=None, cache: str = "none", cache_threshold: float | None = None,
-                stats: dict | None = None) -> torch.Tensor:
-        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA). latent (1, 16, T, h, w).
+                stats: dict | None = None, timesteps=None) -> torch.Tensor:
+        """The sampling loop: CFG as one batch-2 DiT call per step (a CUDA graph on CUDA), or one batch-1 call
+        when context holds only the cond prompt (guidance 1.0). latent (1, 16, T, h, w).
         cache 'teacache': the steps to compute are decided once here, from the schedule (runtime/cache.py).
         stats, if given, receives dit_calls."""
         from wanrt.runtime.step import CFGStep
 
         scheduler = make_scheduler(sample_solver, sample_shift)
-        scheduler.set_timesteps(sample_steps, device=self.device)
+        scheduler.set_timesteps(sample_steps, device=self.device, timesteps=timesteps)
         plan = None
         if cache == "teacache":
             from wanrt.models.config import teacache_config

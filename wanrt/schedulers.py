@@ -66,12 +66,22 @@ class _LinearMultistepScheduler:
         self.shift = float(shift)
         self.num_inference_steps: int | None = None
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        """Build the schedule and coefficient table for ``num_inference_steps``; resets all step state."""
-        n = int(num_inference_steps)
-        if n < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        s = np.linspace(self.sigma_max, 0.0, n + 1)[:-1]
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None,
+                      timesteps=None) -> None:
+        """Build the schedule and coefficient table for ``num_inference_steps``; resets all step state.
+
+        ``timesteps``: an explicit descending list in (0, num_train_timesteps] (e.g. 1000, 750, 500, 250 for
+        4-step distilled models) instead of the solver's uniform grid; it sets the step count and, like the
+        grid, is shifted by ``shift`` (sigma = shift(t / T), the LightX2V / Self-Forcing convention; shift 1
+        takes the values as given). The last step always ends at sigma 0."""
+        if timesteps is not None:
+            s = check_timesteps(timesteps, self.num_train_timesteps) / self.num_train_timesteps
+            n = len(s)
+        else:
+            n = int(num_inference_steps)
+            if n < 1:
+                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            s = np.linspace(self.sigma_max, 0.0, n + 1)[:-1]
         s = shift_sigmas(s, self.shift)
         # Official: int64 cast of the float64 sigma*T (truncation), while the math uses float32 sigmas.
         self.timesteps = torch.from_numpy(s * self.num_train_timesteps).to(device=device, dtype=torch.int64)
@@ -223,10 +233,53 @@ class FlowDPMSolverScheduler(_LinearMultistepScheduler):
         return t
 
 
+class FlowEulerScheduler(_LinearMultistepScheduler):
+    """First-order flow-matching Euler, x' = x + (sigma_{k+1} - sigma_k) * v, what step- and CFG-distilled
+    Wan models (LightX2V, Self-Forcing/CausVid LoRAs) are trained to be sampled with, usually on an explicit
+    4-step list. In x0 form (m = x - sigma_k * v): x' = (sigma_{k+1}/sigma_k) * x + (1 - sigma_{k+1}/sigma_k) * m.
+    Grid: linspace(1, 0, n+1)[:-1] shifted, like dpm++; no history, so the C_* and P_M1 columns are identity/zero.
+    """
+
+    sigma_max = 1.0
+
+    def _build_table(self, sig: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        n = len(sig) - 1
+        t = np.zeros((n, NUM_COLUMNS))
+        t[:, SIGMA] = sig[:-1]
+        t[:, C_X] = 1.0
+        t[:, P_X] = sig[1:] / sig[:-1]
+        t[:, P_M] = 1.0 - t[:, P_X]
+        return t
+
+
+SOLVERS = ("unipc", "dpm++", "euler")
+
+
+def check_timesteps(timesteps, num_train_timesteps: int = 1000) -> np.ndarray:
+    """An explicit timestep list as float64, or a one-line ValueError: non-empty, finite, strictly
+    descending, each in (0, num_train_timesteps]."""
+    try:
+        t = np.asarray([float(v) for v in timesteps], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps must be a list of numbers, got {timesteps!r}") from None
+    if t.size == 0:
+        raise ValueError("timesteps is empty; give a descending list such as 1000,750,500,250")
+    if not np.isfinite(t).all():
+        raise ValueError(f"timesteps must be finite, got {t.tolist()}")
+    if t.min() <= 0 or t.max() > num_train_timesteps:
+        raise ValueError(f"timesteps must lie in (0, {num_train_timesteps}], got {t.tolist()} "
+                         "(the sampler ends at 0 by itself)")
+    if (np.diff(t) >= 0).any():
+        raise ValueError(f"timesteps must be strictly descending, got {t.tolist()}")
+    return t
+
+
 def make_scheduler(name: str, shift: float) -> _LinearMultistepScheduler:
-    """Scheduler for the CLI/runtime solver name: "unipc" (official default) or "dpm++"."""
+    """Scheduler for the CLI/runtime solver name: "unipc" (official default), "dpm++" or "euler"."""
     if name == "unipc":
         return FlowUniPCScheduler(shift=shift)
     if name == "dpm++":
         return FlowDPMSolverScheduler(shift=shift)
-    raise ValueError(f"unknown sample solver {name!r}; expected 'unipc' or 'dpm++'")
+    if name == "euler":
+        return FlowEulerScheduler(shift=shift)
+    raise ValueError(f"unknown sample solver {name!r}; expected 'unipc', 'dpm++' or 'euler'")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from wanrt.export import _copy_tokenizer, _fetcher, graph_file, graph_key
+from wanrt.export import _copy_tokenizer, _fetcher, graph_file, graph_key, lora_plan
 from wanrt.export.specs import (
     COMPONENTS,
     GRAPHS,
@@ -32,8 +32,12 @@ from wanrt.export.specs import (
 def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str = "fp32",
            components: Iterable[str] = COMPONENTS, force: bool = False,
            log: Callable[[str], None] = print, inline_limit: int | None = None,
-           calibration: dict | None = None, graph_attention: str = "matmul", fp8_attention: bool = False):
-    """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest."""
+           calibration: dict | None = None, graph_attention: str = "matmul", fp8_attention: bool = False,
+           lora=None):
+    """Export `components` of the checkpoint for `target` into the engine dir `out`; returns its Manifest.
+
+    lora: [(file, scale), ...] merged into the DiT's weights (fp32, before the graph's cast); the DiT graph
+    entry records them, so exporting again with other LoRAs rewrites only the DiT graph."""
     from wanrt.export import onnx as onnx_export
     from wanrt.export.graphs import build_graph, example_inputs
     from wanrt.models.loading import Checkpoint
@@ -52,6 +56,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
     ckpt = Checkpoint(ckpt_dir)
     cfg = ckpt.config
     specs = graph_specs(cfg, target)
+    plan, lora_ids = lora_plan(cfg, lora)  # every LoRA checked before anything is written
     if force and (out / "manifest.json").exists():
         (out / "manifest.json").unlink()
     engine_dir = EngineDir(out)
@@ -66,15 +71,16 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             spec = specs[graph]
             form = graph_attention if graph == "dit" else "matmul"  # the DiT is where attention costs
             qdq_attention = fp8_attention and precision == "fp8" and graph == "dit"
+            extra = {"lora": lora_ids} if graph == "dit" else {}
             if not force and manifest.is_current("graphs", key, spec=spec.to_dict(), attention=form,
-                                                 fp8_attention=qdq_attention):
+                                                 fp8_attention=qdq_attention, **extra):
                 log(f"{key}: up to date")
                 continue
             t0 = time.perf_counter()
             log(f"{key}: tracing")
             module = build_graph(graph, cfg, target, precision)
             proto, weights = onnx_export.trace(module, spec, example_inputs(spec), graph_attention=form)
-            fetch = _fetcher(ckpt, component, module)
+            fetch = _fetcher(ckpt, component, module, plan if graph == "dit" else None)
             if precision == "fp8" and graph == "dit":
                 from wanrt.export.fp8 import insert_qdq
 
@@ -92,7 +98,7 @@ def export(ckpt_dir: str | Path, out: str | Path, target: Target, precision: str
             manifest.record("graphs", key, files, component=component, graph=graph, profile=profile, attention=form,
                             fp8_attention=qdq_attention,
                             spec=spec.to_dict(), weight_bytes=info["bytes"], ops=checked["ops"],
-                            export_seconds=round(time.perf_counter() - t0, 2))
+                            export_seconds=round(time.perf_counter() - t0, 2), **extra)
             log(f"{key}: {rel} ({info['bytes'] / 1e6:.1f} MB weights, {checked['nodes']} nodes, "
                 f"{time.perf_counter() - t0:.1f} s)")
     if "dit" in components:

@@ -23,11 +23,28 @@ def graph_file(graph: str, target: Target) -> str:
     return f"onnx/{target.tag}/{graph}.onnx" if resolution_dependent(graph) else f"onnx/{graph}.onnx"
 
 
-def _fetcher(ckpt, component: str, module: torch.nn.Module):
-    """name -> tensor for the graph's initializers: checkpoint weights under `net.`, else derived values."""
+def lora_plan(cfg, lora):
+    """(LoRAPlan or None, manifest identities) for the DiT of `cfg`; every LoRA checked, nothing read."""
+    from wanrt.models.dit import WanDiT
+    from wanrt.models.lora import as_specs, plan_for
+
+    specs = as_specs(lora)
+    if not specs:
+        return None, []
+    with torch.device("meta"):
+        dit = WanDiT(cfg.dit)
+    plan = plan_for(specs, dit)
+    return plan, [s.identity() for s in plan.specs]
+
+
+def _fetcher(ckpt, component: str, module: torch.nn.Module, lora_plan=None):
+    """name -> tensor for the graph's initializers: checkpoint weights under `net.`, else derived values
+    (the DiT's with the LoRAs of `lora_plan` merged in fp32)."""
     from wanrt.models.checkpoint import tied_names
 
     weights = ckpt.weights(TABLE[component].weights)
+    if lora_plan is not None:
+        weights = lora_plan.patched(weights)
     derived = module.derived()
     ties = tied_names(module.net)
 

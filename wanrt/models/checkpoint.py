@@ -76,6 +76,14 @@ class Weights:
             out[nk] = e
         return Weights(out, self.source)
 
+    def mapped(self, fn: Callable[[str, torch.Tensor], torch.Tensor], names: set[str]) -> Weights:
+        """View whose tensors in `names` are read as fn(name, tensor) (e.g. a LoRA merged on read)."""
+        out = dict(self._entries)
+        for k in names:
+            e = self._entries[k]
+            out[k] = _Entry(e.shape, e.file, lambda k=k, e=e: fn(k, e.read()))
+        return Weights(out, self.source)
+
     def subset(self, keep: Callable[[str], bool]) -> Weights:
         return Weights({k: e for k, e in self._entries.items() if keep(k)}, self.source)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ class WanModels:
     image_encoder: CLIPImageEncoder | None = None
     source: str = ""
     layout: str = ""
+    lora: list[dict] = field(default_factory=list)  # merged LoRAs: [{file, sha256, scale}, ...] (lora.identities)
 
     def fingerprint(self) -> str:
         """A short hash of where the weights came from (paths, sizes, mtimes): cheap, stable per checkout."""
@@ -100,11 +101,15 @@ class Checkpoint:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         components: Iterable[str] = COMPONENTS, precision: str | None = None, fp8_keep: int = 0) -> WanModels:
+         components: Iterable[str] = COMPONENTS, precision: str | None = None, fp8_keep: int = 0,
+         lora: Iterable | None = None) -> WanModels:
     """Load the models. dtype None: everything fp32. dtype bf16/fp16: the official precision map
     (DiT matmuls in dtype with fp32 islands, T5 in dtype, CLIP in fp16, VAE fp32).
     precision 'fp8': that map (dtype bf16 unless given), then the DiT block linears quantised once to
-    e4m3 (wanrt.kernels.fp8.quantize_blocks), all but the first and last `fp8_keep` blocks."""
+    e4m3 (wanrt.kernels.fp8.quantize_blocks), all but the first and last `fp8_keep` blocks.
+
+    lora: [(file, scale), ...] merged into the DiT in fp32 as its weights are read, before any cast or
+    FP8 quantisation (see models/lora.py); every LoRA is checked against the model before a weight is loaded."""
     components = tuple(components)
     if precision not in (None, "fp8"):
         raise ValueError(f"precision must be None (dtype decides) or 'fp8', got {precision!r}")
@@ -129,9 +134,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             models.text_encoder = T5TextEncoder(cfg.t5)
         if "image_encoder" in components:
             models.image_encoder = CLIPImageEncoder(cfg.clip)
+    dit_weights = None
+    if lora:
+        from .lora import LoRAError, plan_for
+
+        if models.dit is None:
+            raise LoRAError("LoRAs apply to the DiT; load it (components include 'dit') to merge them")
+        plan = plan_for(lora, models.dit)
+        dit_weights = plan.patched(ckpt.weights("dit"))
+        models.lora = [s.identity() for s in plan.specs]
     if models.dit is not None:
         dtypes = precision_map(models.dit, low) if low else torch.float32
-        load_module(models.dit, ckpt.weights("dit"), dtypes, device)
+        load_module(models.dit, ckpt.weights("dit") if dit_weights is None else dit_weights, dtypes, device)
         models.dit.reset_buffers()
         if precision == "fp8":
             from wanrt.kernels.fp8 import quantize_blocks

@@ -34,6 +34,9 @@ class CFGParallelDiT:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
         """Inputs batch 2 ([cond, uncond]) -> prediction (2, 16, F, H, W), identical on both ranks."""
+        if x.shape[0] != 2:  # guidance 1.0 runs the cond branch alone: nothing to split across the pair
+            raise ValueError("CFG parallel needs the batch-2 CFG step; guidance 1.0 has no uncond branch "
+                             "(run it without --cfg_parallel)")
         i = slice(self.axis.rank, self.axis.rank + 1)
         pred = self.dit(x[i], t[i], context[i], clip_fea[i], y[i]).contiguous()  # (1, 16, F, H, W)
         parts = [torch.empty_like(pred) for _ in range(2)]

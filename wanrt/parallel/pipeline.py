@@ -49,7 +49,13 @@ def load_pipeline(path: str | Path, plan: ParallelPlan, run: Session, device: st
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     plan.check(run.world_size, model_config(path))  # before the expensive load
-    got = load_backends(path, device, dtype=dtype)  # the one assembler; the splits then rewrite its models
+    lora = options.pop("lora", None)
+    if options.pop("precision", None) is not None:
+        options.pop("fp8_keep", None)
+        raise ValueError("precision='fp8' runs in one process for now: the splits rewrite nn.Linear layers, not "
+                         "FP8 ones; drop --precision fp8 or the multi-GPU options")
+    options.pop("fp8_keep", None)
+    got = load_backends(path, device, dtype=dtype, lora=lora)  # the one assembler; the splits rewrite its models
     models, backends = got.models, got.backends
     groups = build_groups(plan)
     backends.dit = dit_backend(models.dit, groups)

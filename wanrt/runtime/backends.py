@@ -206,12 +206,13 @@ def graph_backends(graphs: dict, time_table=None, root=None) -> dict:
 
 def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int | None = None,
                     height: int | None = None, frame_num: int | None = None, checkpoint: str | None = None,
-                    components=COMPONENTS):
+                    components=COMPONENTS, lora=None):
     """Engine backends of `components` for one profile of an engine dir -> ({component: backend},
     WanConfig, tokenizer, Target).
 
     The manifest is checked first: a profile that does not exist, a --size/--frame_num that
-    contradicts the engine, or a checkpoint other than the one it was built from is refused.
+    contradicts the engine, or a checkpoint other than the one it was built from is refused; so is a
+    DiT built with LoRAs other than `lora` ([(file, scale), ...]; None accepts the engine as built).
     """
     from pathlib import Path
 
@@ -242,6 +243,10 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
     tok_dir = Path(engine_dir) / "tokenizer"  # absent for engines built from in-memory random weights
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
     target = Target(target.width, target.height, target.frame_num, m.batch)
+    if lora is not None and "dit" in components:
+        from wanrt.engine import check_lora
+
+        check_lora(m, backend, target, lora)
     if backend == "onnxruntime":
         from wanrt.runtime.onnxruntime import load_graphs
 
@@ -313,7 +318,7 @@ class Assembled:
 def load_backends(checkpoint=None, device: str | torch.device | None = None, *, backend: str = "eager",
                   overrides: dict[str, str] | None = None, engine_dir=None, size: tuple[int, int] | None = None,
                   frame_num: int | None = None, dtype: torch.dtype | None = None, memory: str = "resident",
-                  components=COMPONENTS, models: WanModels | None = None, **load_options) -> Assembled:
+                  components=COMPONENTS, models: WanModels | None = None, lora=None, **load_options) -> Assembled:
     """THE assembler: the Backends of `components` for eager PyTorch, engines of an engine dir, or a mix.
 
     backend: 'eager' | 'onnxruntime' | 'aoti' | 'tensorrt' for every component, `overrides` per component
@@ -321,7 +326,8 @@ def load_backends(checkpoint=None, device: str | torch.device | None = None, *, 
     select it; `checkpoint`, if given, must be the one the engines were built from). Eager components are
     loaded from `checkpoint` (dtype None: bf16 on CUDA, fp32 on the CPU; memory != 'resident': loaded on
     the CPU, the DiT moved to the device), or taken from `models` when given (e.g. random weights).
-    `load_options` go to the eager loader unchanged (wanrt.models.loading.load).
+    `load_options` go to the eager loader unchanged (wanrt.models.loading.load). lora: [(file, scale), ...]
+    merged into an eager DiT at load; an engine DiT must have been built with exactly these (None: as built).
     Components outside `components` are None in the result."""
     from wanrt.export.specs import check_components
 
@@ -348,7 +354,7 @@ def load_backends(checkpoint=None, device: str | torch.device | None = None, *, 
         w, h = size if size is not None else (None, None)
         got, config, tokenizer, target = from_engine_dir(
             engine_dir, kind, device, w, h, frame_num, None if checkpoint is None else str(checkpoint),
-            components=[c for c in components if choice[c] == kind])
+            components=[c for c in components if choice[c] == kind], lora=lora)
         parts.update(got)
     eager_parts = [c for c in components if choice[c] == "eager"]
     modules: dict = {}
@@ -362,7 +368,7 @@ def load_backends(checkpoint=None, device: str | torch.device | None = None, *, 
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             load_device = "cpu" if memory != "resident" else device  # offloaded models never all sit on the GPU
             models = load(checkpoint, device=load_device, dtype=dtype if dtype != torch.float32 else None,
-                          components=eager_parts, **load_options)
+                          components=eager_parts, lora=lora if "dit" in eager_parts else None, **load_options)
             if memory != "resident" and models.dit is not None:
                 models.dit.to(device)
         ours = eager(models)

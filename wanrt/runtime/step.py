@@ -32,13 +32,16 @@ class CFGStep:
         self.device = device
         self.guide_scale = torch.tensor(float(guide_scale), device=device)  # a tensor: no per-step scalar boxing
         self.latent = latent.to(torch.float32).contiguous().clone()
-        self.x = torch.empty((2, *self.latent.shape[1:]), dtype=torch.float32, device=device)
-        self.t = torch.empty(2, dtype=torch.int64, device=device)
+        self.batch = context.shape[0]  # 2: [cond, uncond] with CFG; 1: the cond branch only (guidance 1.0)
+        if self.batch not in (1, 2):
+            raise ValueError(f"the DiT step runs batch 2 (CFG) or 1 (no CFG), got a context of batch {self.batch}")
+        self.x = torch.empty((self.batch, *self.latent.shape[1:]), dtype=torch.float32, device=device)
+        self.t = torch.empty(self.batch, dtype=torch.int64, device=device)
         self.k = torch.zeros(1, dtype=torch.int64, device=device)  # the step index, on the device
         self.one = torch.ones(1, dtype=torch.int64, device=device)
-        self.context = context.contiguous()  # (2, 512, text_dim): cond, uncond
-        self.clip_fea = clip_fea.expand(2, *clip_fea.shape[1:]).contiguous()
-        self.y = y.expand(2, *y.shape[1:]).contiguous()
+        self.context = context.contiguous()  # (B, 512, text_dim): cond[, uncond]
+        self.clip_fea = clip_fea.expand(self.batch, *clip_fea.shape[1:]).contiguous()
+        self.y = y.expand(self.batch, *y.shape[1:]).contiguous()
         self.guided = torch.empty_like(self.latent)
         self.timesteps = scheduler.timesteps.to(device)
         self.num_steps = len(self.timesteps)
@@ -69,13 +72,16 @@ class CFGStep:
         self.t[1:].copy_(self.t[:1])
         self.x.copy_(self.latent.expand_as(self.x))
         if compute:
-            pred = self.call(self.x, self.t)  # (2, 16, T, h, w)
+            pred = self.call(self.x, self.t)  # (B, 16, T, h, w)
             if self.cache is not None:
                 self.cache.store(self.x, pred)
         else:
             pred = self.cache.predict(self.x)
-        torch.sub(pred[0:1], pred[1:2], out=self.guided)
-        self.guided.mul_(self.guide_scale).add_(pred[1:2])
+        if self.batch == 2:
+            torch.sub(pred[0:1], pred[1:2], out=self.guided)
+            self.guided.mul_(self.guide_scale).add_(pred[1:2])
+        else:  # no CFG: the cond prediction is the guided one (uncond + 1 * (cond - uncond))
+            self.guided.copy_(pred)
         self.scheduler.step_with_state(self.k, self.guided, self.latent, self.state)
         self.k.add_(self.one)
 
