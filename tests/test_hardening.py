@@ -258,3 +258,17 @@ def test_ctrl_c_exits_130_without_a_traceback_or_a_partial_file(tmp_path, after_
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_every_option_has_a_description_and_generate_groups_them():
+    import typer.main
+
+    from wanrt.cli import GenerateCommand, app
+
+    group = typer.main.get_command(app)
+    missing = [f"{name} {p.opts[0]}" for name, cmd in group.commands.items() for p in cmd.params
+               if not getattr(p, "hidden", False) and not getattr(p, "help", None)]
+    assert not missing, missing
+    r = _cli("generate", "--help")
+    titles = [line.rstrip(":") for line in r.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == [*GenerateCommand.GROUPS, "Other options"], titles

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="wanrt: ahead-of-time compiled inference for Wan2.1 FLF2V-14B.")
@@ -143,7 +144,39 @@ def _check_device(device: str | None) -> None:
                        f"cuda:{torch.cuda.device_count() - 1})")
 
 
-@app.command(help="Generate a video from a first frame, a last frame and a prompt (official generate.py flags). "
+class GroupedCommand(TyperCommand):
+    """A command whose --help lists its options in titled groups (`GROUPS`: title -> parameter names);
+    parameters in no group come last under 'Other options'."""
+
+    GROUPS: dict[str, tuple[str, ...]] = {}
+
+    def format_options(self, ctx, formatter) -> None:
+        rows = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
+        rows = {name: rec for name, rec in rows.items() if rec}
+        placed: set[str] = set()
+        for title, names in (*self.GROUPS.items(), ("Other options", tuple(n for n in rows if n not in placed))):
+            recs = [rows[n] for n in names if n in rows and n not in placed]
+            placed.update(names)
+            if recs:
+                with formatter.section(title):
+                    formatter.write_dl(recs)
+
+
+class GenerateCommand(GroupedCommand):
+    GROUPS = {
+        "Input": ("task", "ckpt_dir", "first_frame", "last_frame", "prompt", "negative_prompt", "last_frame_fit"),
+        "Video and sampling": ("size", "frame_num", "sample_steps", "sample_shift", "sample_guide_scale",
+                               "sample_solver", "timesteps", "base_seed"),
+        "Output": ("save_file", "save_frames"),
+        "Model, precision and LoRA": ("device", "dtype", "precision", "fp8_keep", "lora"),
+        "Speed: engines, kernels, caching": ("backend", "engine_dir", "override", "attention", "kernels", "cache",
+                                             "cache_threshold", "cuda_graphs", "memory"),
+        "Multi-GPU": ("nproc", "ulysses_size", "cfg_parallel", "tp_size"),
+    }
+
+
+@app.command(cls=GenerateCommand,
+             help="Generate a video from a first frame, a last frame and a prompt (official generate.py flags). "
                   f"Official sizes: {', '.join(OFFICIAL_SIZES)}; any W*H with both sides multiples of 16 works "
                   "(it sets the pixel area; the aspect ratio follows the first frame).")
 def generate(
@@ -153,16 +186,19 @@ def generate(
                                                            "tiny models: 64*64).")] = "1280*720",
     ckpt_dir: Annotated[str | None, typer.Option("--ckpt_dir", "--ckpt-dir",
                                                  help="Checkpoint folder (official or diffusers) or 'tiny'.")] = None,
-    first_frame: Annotated[str | None, typer.Option("--first_frame", "--first-frame")] = None,
-    last_frame: Annotated[str | None, typer.Option("--last_frame", "--last-frame")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt")] = None,
+    first_frame: Annotated[str | None, typer.Option("--first_frame", "--first-frame", help="First frame image (PNG/"
+                                                    "JPEG); its aspect ratio sets the video's.")] = None,
+    last_frame: Annotated[str | None, typer.Option("--last_frame", "--last-frame", help="Last frame image.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="What happens between the two frames.")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative_prompt", "--negative-prompt",
                                                         help="Default: the official FLF2V negative prompt.")] = None,
     frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num", help="4n+1 frames (the built-in "
                                                            "tiny models: 17).")] = 81,
-    sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps")] = 50,
-    sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift")] = 16.0,
-    sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale")] = 5.0,
+    sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps", help="Denoising steps.")] = 50,
+    sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift", help="Flow-matching sigma "
+                                                "shift (> 0; official: 16 for 720p).")] = 16.0,
+    sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale", help="CFG "
+                                                      "scale; 1.0 runs the conditional branch only.")] = 5.0,
     sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver",
                                                help="unipc, dpm++ or euler.")] = "unipc",
     timesteps: Annotated[str | None, typer.Option("--timesteps", help="Explicit descending timesteps in (0, 1000], "
@@ -390,7 +426,7 @@ FrameNumOpt = Annotated[int | None, typer.Option("--frame_num", "--frame-num", h
 ComponentsOpt = Annotated[str, typer.Option("--components", help="Comma-separated subset of the default.")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="DiT batch: 2 (CFG in one call) or 1 (guidance 1.0: CFG-free).")]
 CalibStepsOpt = Annotated[int, typer.Option("--calib_steps", help="fp8: denoising steps to calibrate.")]
-DebugOpt = Annotated[bool, typer.Option("--debug")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 _GRAPH_ATTENTION_HELP = ("How the DiT's attention is exported: matmul (Cast-free MatMul-Softmax-MatMul, opset 20, "
                          "TensorRT >= 10.12), onnx (the opset-23 Attention op, TensorRT >= 10.14), or flash|sage "
                          "(our Triton kernels as custom nodes, run as TensorRT plugins).")
