@@ -83,7 +83,7 @@ def test_bad_timesteps(bad, match):
     with pytest.raises(ValueError, match=match):
         check_timesteps(bad)
     with pytest.raises(InputError, match=match) as e:
-        validate(None, 17, 4, 1.0, 64 * 64, "euler", bad)
+        validate(None, 17, 4, 1.0, 64 * 64, "euler", timesteps=bad)
     assert "\n" not in str(e.value)
 
 
