@@ -102,7 +102,7 @@ def compare(engine_dir, atol: float = 1e-2, rtol: float = 1e-2) -> list[str]:
     m = Manifest.load(engine_dir)
     profiles = [Target(p["width"], p["height"], p["frame_num"], m.batch) for p in m.profiles.values()]
     lines, failed = [], 0
-    for key, e in m.data.get("engines", {}).items():
+    for key, e in m.section("engines").items():
         if e.get("backend") != "tensorrt":
             continue
         tag = key.partition("@")[2]

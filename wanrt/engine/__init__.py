@@ -223,6 +223,4 @@ def _build_tensorrt(ckpt_dir, out: Path, target, precision, components, force, l
 
 
 def _config(manifest):
-    from wanrt.models.config import WanConfig
-
-    return WanConfig.from_dict(manifest.data["config"])
+    return manifest.config()

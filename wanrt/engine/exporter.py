@@ -147,7 +147,6 @@ def write_time_table(manifest, dit: Callable[[], torch.nn.Module], force: bool =
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"e": e.float().cpu().contiguous(), "e0": e0.float().cpu().contiguous()}, str(tmp))
     os.replace(tmp, path)
-    manifest.data.setdefault("tables", {})
     manifest.record("tables", "dit_time", [TIME_TABLE], timesteps=len(t), dtype="float32")
     log(f"dit_time: {TIME_TABLE} ({path.stat().st_size / 1e6:.1f} MB)")
 

@@ -13,14 +13,14 @@ from wanrt.engine.manifest import EngineError, Manifest
 from wanrt.export.specs import GRAPH_NAMES as GRAPHS
 from wanrt.export.specs import GraphSpec, Target
 
-from . import engine_file, engine_key
+from . import engine_key
 
 
 def check_compatible(m: Manifest, backend: str, target: Target, device: torch.device, graphs=GRAPHS) -> None:
     import wanrt
 
     rebuild = f"rebuild with `wanrt build --backend {backend} --force --out {m.root} ...`"
-    built_by = m.data["versions"].get("wanrt")
+    built_by = m.versions.get("wanrt")
     if built_by != wanrt.__version__:
         raise EngineError(f"{m.root} was built by wanrt {built_by}, this is wanrt {wanrt.__version__}; {rebuild}")
     for graph in graphs:
@@ -49,7 +49,10 @@ def check_compatible(m: Manifest, backend: str, target: Target, device: torch.de
 
 def load(backend: str, m: Manifest, target: Target, device: torch.device, names=GRAPHS) -> dict:
     """{graph name: loaded graph} of the engine dir for `target`, after the compatibility checks."""
+    from .dir import EngineDir
+
     check_compatible(m, backend, target, device, names)
+    layout = EngineDir(m.root, m)  # the one owner of the engine dir's paths
     graphs = {}
     for graph in names:
         entry = m.verify_files("engines", engine_key(backend, graph, target))
@@ -57,11 +60,11 @@ def load(backend: str, m: Manifest, target: Target, device: torch.device, names=
         if backend == "aoti":
             from .aoti import AOTIGraph
 
-            graphs[graph] = AOTIGraph(m.root / engine_file("aoti", graph, target, device.type), spec, device)
+            graphs[graph] = AOTIGraph(layout.engine_path("aoti", graph, target, device.type), spec, device)
         else:
             from .tensorrt import TRTGraph
 
-            graphs[graph] = TRTGraph(m.root / engine_file("tensorrt", graph, target), spec, device,
+            graphs[graph] = TRTGraph(layout.engine_path("tensorrt", graph, target), spec, device,
                                      onnx_path=m.root / entry["onnx"],
                                      stripped=entry["settings"]["strip_weights"])
     return graphs

@@ -155,6 +155,14 @@ class Manifest:
     def profiles(self) -> dict:
         return self.data.get("profiles", {})
 
+    @property
+    def versions(self) -> dict:
+        return self.data.get("versions", {})
+
+    def section(self, name: str) -> dict:
+        """{key: entry} of one section ('graphs', 'engines', 'tables'); empty when absent."""
+        return self.data.get(name, {})
+
     def config(self):
         from wanrt.models.config import WanConfig
 
@@ -170,7 +178,7 @@ class Manifest:
         entry = dict(info)
         entry["files"] = {f: sha256(self.root / f) for f in files}
         entry["stats"] = {f: _stat(self.root / f) for f in files}
-        self.data[section][key] = entry
+        self.data.setdefault(section, {})[key] = entry
         self.save()
 
     def entry(self, section: str, key: str) -> dict | None:
