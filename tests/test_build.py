@@ -37,7 +37,10 @@ def test_aoti_video_matches_eager(aoti_dir, tiny_official):
     video = pipe(a, b, "a bird", **kw)
     value = psnr(video.frames, eager.frames)
     print(f"\nAOTInductor (cpu) vs eager video: PSNR {value:.1f} dB")
-    assert value >= 40.0 and pipe.backends.names["dit"] == "aoti"
+    # the same package and request size as test_runtime's aoti row (measured 87.8 dB there, seed 0, 3 steps);
+    # tolerance 75 dB (about 4x the RMS error); finite: bit-identical frames would mean eager ran
+    assert 75.0 <= value < float("inf"), value
+    assert pipe.backends.names["dit"] == "aoti"
 
 
 def test_manifest_records_the_builds(aoti_dir, tmp_path):
