@@ -180,7 +180,7 @@ def test_sage_pv_selection():
     cpu = torch.device("cpu")
     assert triton_sage.resolve_pv("auto", cpu) == "fp16"  # the interpreter's own fp8 cast is wrong
     assert triton_sage.resolve_pv("fp8", cpu) == "fp8"  # emulated on the e4m3 grid
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pv must be 'auto', 'fp8' or 'fp16', got 'int4'"):
         triton_sage.resolve_pv("int4", cpu)
 
 
