@@ -413,7 +413,9 @@ _AOT_SCRIPT = textwrap.dedent("""
                 tf.qk_norm_rope(x, w, 1e-6, cs, cs, 2, launch=wrap_triton))
 
     code = make_fx(launch_all, tracing_mode="fake")(q, x, s, w, cs).code
-    assert code.count("triton_kernel_wrapper_mutation(") == 7, code
+    # flash 1 + sage 4 (Q and K INT8 quantisation, V scaling, the attention kernel) + norm_modulate 1
+    # + qk_norm_rope 1
+    assert code.count("triton_kernel_wrapper_mutation(") == 1 + 4 + 1 + 1, code
     print("ok")
 """)
 
