@@ -333,6 +333,31 @@ def test_http_service_concurrent_requests(eager, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_policy_peaks_on_gpu(tiny_official):
+    """On a GPU the policies show in the measured peaks: while the DiT denoises, `sequential` holds less than
+    `resident` by at least the weights of T5, CLIP and the VAE (which sit on the CPU then), and `t5_cpu`
+    never has the T5 on the GPU."""
+    import gc
+
+    a, b = _frames()
+    peaks, offloaded = {}, {}
+    for mode in ("resident", "sequential", "t5_cpu"):
+        pipe = FLF2VPipeline.from_pretrained(tiny_official, device="cuda", dtype=torch.float32, memory=mode)
+        sizes = {c: sum(p.numel() * p.element_size() for p in m.parameters())
+                 for c, m in pipe.backends.modules.items()}
+        offloaded[mode] = sizes
+        peaks[mode] = pipe(a, b, "x", max_area=64 * 48, frame_num=9, sample_steps=2, seed=0, progress=False).memory
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+    others = sum(offloaded["resident"][c] for c in ("text_encoder", "image_encoder", "vae"))
+    assert peaks["resident"]["denoise"] - peaks["sequential"]["denoise"] >= others, (peaks, others)
+    t5 = offloaded["resident"]["text_encoder"]
+    assert peaks["resident"]["denoise"] - peaks["t5_cpu"]["denoise"] >= t5, (peaks, t5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replay_equals_eager_steps(tiny_official, monkeypatch):
     """One graph is captured per request and replayed for steps 1..n-1; the video is bit-identical to the
     one of plain eager steps (same kernels, same order)."""
