@@ -122,12 +122,12 @@ README_TABLE = {4: (28.7, 25.2, 20.4, 22.2, 4.2), 10: (28.8, 25.7, 20.6, 23.8, 4
 README_STATIC = (22.9, 15.6)  # the static video (first frame repeated): middle frames PSNR, centroid error
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("steps", sorted(README_TABLE))
+@pytest.mark.parametrize("steps", [4, 10, pytest.param(50, marks=pytest.mark.slow)])  # 4 and 10: ~15 s each
 def test_readme_metric_table(pipe, steps):
     """Every cell of the README's table, not a 4-clip mean: the evaluation is seeded end to end, so the
     numbers reproduce up to thread-count summation order. Tolerance 0.3 dB / 0.3 px (the table rounds to
-    0.1; a retrained or altered model moves them by whole dB)."""
+    0.1; a retrained or altered model moves them by whole dB). Measured at 10 steps: 28.76, 25.68 (min 20.62),
+    23.76 dB, 4.75 px; static 22.88 dB, 15.56 px."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the README's command
     try:
