@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints in both layouts, written once per test session."""
+"""Shared fixtures: tiny random checkpoints in both layouts, written once per test session, and a per-run
+wanrt cache (WANRT_CACHE)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,34 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests never write into the user's cache: the built-in `tiny` checkpoint goes to a session temp dir.
-os.environ.setdefault("WANRT_CACHE", os.path.join("/tmp", f"wanrt-test-cache-{os.getuid()}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def wanrt_cache(tmp_path_factory):
+    """Tests never write into the user's cache, and never read a previous run's: the cache (where
+    `tiny-random` is written on first use) is a fresh folder under this session's temp dir, for this
+    process and every subprocess a test starts. A fixed folder kept between runs could hide a change to
+    the tiny checkpoint behind a stale copy."""
+    old = os.environ.get("WANRT_CACHE")
+    os.environ["WANRT_CACHE"] = str(tmp_path_factory.mktemp("wanrt_cache"))
+    yield os.environ["WANRT_CACHE"]
+    if old is None:
+        os.environ.pop("WANRT_CACHE", None)
+    else:
+        os.environ["WANRT_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so inputs drawn without an explicit generator are
+    the same on every run (and in every order the tests run in)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,25 @@ replicas inside the 4-process job, so one job with one interpreter start per ran
 rewrites a fresh copy of the tiny model, runs a short denoising loop (or the T5 encoder), and rank 0
 of each replica saves the result as OUT/<case>.<replica>.pt. The test computes the single-process
 reference with the same functions (`denoise`, `encode_text`) and compares.
+
+Parity alone cannot tell a split from no split (a rank that computes the whole model also matches the
+single process), so every rank also saves OUT/<case>.<replica>.r<rank in replica>.json: the evidence of
+its share of the work (sharded weight shapes, the tokens and heads its first self-attention saw, the
+batch and prompt rows of its CFG half), which the test checks against the plan.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+import wanrt.models.dit as dit_module
+import wanrt.parallel.ulysses as ulysses_module
 from wanrt.models.config import WanConfig
 from wanrt.models.tiny import random_models
 from wanrt.parallel import ParallelPlan, build_groups, session
@@ -91,16 +99,68 @@ def encode_text(t5) -> torch.Tensor:
     return t5(*t5_inputs())
 
 
+class _Evidence:
+    """Records what one rank computed: the attention function the models call is wrapped once (the first
+    call of a denoising run is block 0's self-attention of step 0) and block 0 of the DiT is hooked."""
+
+    current: _Evidence | None = None
+
+    def __init__(self):
+        self.data: dict = {}
+        _Evidence.current = self
+
+    @staticmethod
+    def install() -> None:
+        for module in (dit_module, ulysses_module):
+            def recording(q, k, v, *args, _inner=module.attention, **kw):
+                data = _Evidence.current.data
+                if "attn_q" not in data:  # (B, tokens, heads, head_dim) and the number of keys
+                    data["attn_q"], data["attn_keys"] = list(q.shape), k.shape[1]
+                return _inner(q, k, v, *args, **kw)
+
+            module.attention = recording
+
+    def watch_dit(self, model) -> None:
+        block = model.blocks[0]
+        self.data["q_weight"] = list(block.self_attn.q.weight.shape)
+        self.data["ffn_up"] = list(block.ffn[0].weight.shape)
+        self.data["ffn_down"] = list(block.ffn[2].weight.shape)
+        self.data["heads"] = block.self_attn.num_heads
+
+        def block_in(module, args):
+            self.data.setdefault("block_in", list(args[0].shape))  # (B, local tokens, dim)
+            # the text rows of the embedded context, one fingerprint per batch row (cond / uncond)
+            self.data.setdefault("context_rows", [float(r.abs().sum()) for r in args[2][:, -512:]])
+
+        block.register_forward_pre_hook(block_in)
+
+    def watch_t5(self, encoder) -> None:
+        m = encoder.model
+        attn = m.encoder.block[0].layer[0].SelfAttention
+        self.data["t5_q_weight"] = list(attn.q.weight.shape)
+        self.data["t5_heads"] = attn.n_heads
+        self.data["t5_embedding"] = list(m.encoder.embed_tokens.weight.shape)
+        self.data["t5_ffn_out"] = list(m.encoder.block[0].layer[1].DenseReluDense.wo.weight.shape)
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     dit, t5 = models()
+    _Evidence.install()
     with session("cpu") as run:
         for name, (plan, grid) in CASES.items():
             groups = build_groups(plan)
+            evidence = _Evidence()
             if grid is None:
-                result = encode_text(apply_tp_t5(copy.deepcopy(t5), groups.tp))
+                encoder = apply_tp_t5(copy.deepcopy(t5), groups.tp)
+                evidence.watch_t5(encoder)
+                result = encode_text(encoder)
             else:
-                result = denoise(dit_backend(copy.deepcopy(dit), groups), make_inputs(grid))
+                backend = dit_backend(copy.deepcopy(dit), groups)
+                evidence.watch_dit(backend.model)
+                result = denoise(backend, make_inputs(grid))
+            evidence.data["cfg_rank"] = None if groups.cfg is None else groups.cfg.rank
+            (out / f"{name}.{groups.replica}.r{run.rank % plan.size}.json").write_text(json.dumps(evidence.data))
             if groups.is_replica_main:
                 torch.save(result, out / f"{name}.{groups.replica}.pt")
             if run.is_main:

@@ -184,7 +184,11 @@ def test_bench_tiny_writes_json_and_png(tmp_path):
     _check_document(doc, ["eager", "onnxruntime", "tensorrt"], ["dit_step"])
     eager, ort, trt = doc["results"]
     assert eager["status"] == "ok" and eager["speedup_vs_eager"] == 1.0 and eager["psnr"] is None
-    assert ort["status"] == "ok" and ort["psnr"] > 60 and ort["max_abs_err"] < 1e-3  # fp32 graph vs fp32 eager
+    print(f"\nbench tiny-random dit_step: onnxruntime PSNR {ort['psnr']} dB, max abs err {ort['max_abs_err']:.1e}")
+    # measured 128.3 dB (README: > 128 dB): fp32 graph vs fp32 eager, relative to the output's range.
+    # Tolerance 120 dB (2.5x the RMS error of 128 dB); None would mean identical (eager ran) or non-finite
+    assert ort["status"] == "ok" and ort["psnr"] is not None and ort["psnr"] >= 120, ort["psnr"]
+    assert 0 < ort["max_abs_err"] < 1e-4  # measured 1.1e-5 (output values ~10), tolerance 9x
     assert ort["shape"]["x"] == [2, 16, 3, 6, 8] and ort["shape"]["context"] == [2, 512, TINY.dit.text_dim]
     if not torch.cuda.is_available():
         assert trt["status"] == "unavailable: TensorRT needs a CUDA device"
@@ -198,7 +202,9 @@ def test_random_config_engines_run_the_same_weights(tmp_path):
     report = run("random:tiny", size=(W, H), frame_num=F, backends="eager,onnxruntime", repeat=1, warmup=0,
                  engine_dir=tmp_path / "engines", log=quiet)
     assert (tmp_path / "engines" / "random-checkpoint-tiny-seed0" / "config.json").is_file()
-    assert report.row("onnxruntime", "dit_step").psnr > 60
+    value = report.row("onnxruntime", "dit_step").psnr
+    print(f"\nbench random:tiny dit_step: onnxruntime PSNR {value} dB")
+    assert value is not None and value >= 120, value  # measured 128.3 dB; tolerance as above
     assert report.settings["config"] == "tiny"
 
 
@@ -281,7 +287,9 @@ def test_aoti_tiny_matches_eager(tmp_path):
                  log=quiet)
     aoti = report.row("aoti", "dit_step")
     assert aoti.ok, aoti.status
-    assert aoti.psnr is None or aoti.psnr >= 40
+    print(f"\nbench tiny-random dit_step: aoti PSNR {aoti.psnr} dB")
+    # README: > 128 dB (fp32 package vs fp32 eager); tolerance 120 dB. None (identical or non-finite) fails
+    assert aoti.psnr is not None and aoti.psnr >= 120, aoti.psnr
 
 
 @pytest.mark.slow
@@ -291,7 +299,13 @@ def test_every_component_onnxruntime_tiny(tmp_path):
     for r in report.rows:
         assert r.ok, (r.component, r.backend, r.status)
         if r.backend == "onnxruntime":
-            assert r.psnr is None or r.psnr >= 40, (r.component, r.psnr)
+            print(f"\nbench tiny-random {r.component}: onnxruntime PSNR {r.psnr} dB")
+            # fp32 graphs vs fp32 eager: each component >= 100 dB (the dit_step row measures > 128 dB);
+            # the e2e video is uint8 frames through 2 steps (the pipeline tests measure ~86 dB there)
+            # (uint8 frames may also come out identical: max_abs_err 0; non-finite output has a NaN error)
+            floor = 75 if r.component == "e2e" else 100
+            identical_frames = r.component == "e2e" and r.max_abs_err == 0
+            assert identical_frames or (r.psnr is not None and r.psnr >= floor), (r.component, r.psnr)
 
 
 def test_random_14b_engines_say_why_they_cannot_run():

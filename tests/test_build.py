@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,7 +37,10 @@ def test_aoti_video_matches_eager(aoti_dir, tiny_official):
     video = pipe(a, b, "a bird", **kw)
     value = psnr(video.frames, eager.frames)
     print(f"\nAOTInductor (cpu) vs eager video: PSNR {value:.1f} dB")
-    assert value >= 40.0 and pipe.backends.names["dit"] == "aoti"
+    # the same package and request size as test_runtime's aoti row (measured 87.8 dB there, seed 0, 3 steps);
+    # tolerance 75 dB (about 4x the RMS error); finite: bit-identical frames would mean eager ran
+    assert 75.0 <= value < float("inf"), value
+    assert pipe.backends.names["dit"] == "aoti"
 
 
 def test_manifest_records_the_builds(aoti_dir, tmp_path):
@@ -49,7 +53,10 @@ def test_manifest_records_the_builds(aoti_dir, tmp_path):
     lines = []
     build(m.data["checkpoint"]["path"], aoti_dir, TARGET, backend="aoti", precision="fp32", device="cpu",
           log=lines.append)
-    assert len(lines) == 8 and all(line.endswith("up to date") for line in lines)  # 7 engines + the dit_time table
+    from wanrt.export import GRAPHS
+
+    n_graphs = sum(len(graphs) for graphs in GRAPHS.values())  # every graph of every component
+    assert len(lines) == n_graphs + 1 and all(line.endswith("up to date") for line in lines)  # + the dit_time table
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -80,6 +87,41 @@ def test_corrupted_package_is_never_loaded(aoti_dir, tmp_path, monkeypatch):
     with pytest.raises(EngineError, match="vae_decoder.pt2 does not match its sha256"):
         FLF2VPipeline.from_pretrained(backend="aoti", engine_dir=copy, device="cpu")
     assert all("vae_decoder.pt2" not in str(p) for p in loaded)
+
+
+def test_interrupted_build_leaves_no_half_written_engine(tiny_official, tmp_path, monkeypatch):
+    """Ctrl-C while AOTInductor writes the DiT package: the manifest lists the CLIP package finished before,
+    the DiT package does not exist, no temporary file is left, and a rerun builds only the DiT."""
+    from wanrt.export import GRAPHS
+
+    parts = tuple(next(c for c, graphs in GRAPHS.items() if g in graphs) for g in ("clip", "dit"))
+    written = []
+
+    def fake_compile(program, package_path):  # the real one takes ~1 minute per graph; it writes like this
+        written.append(package_path)
+        with open(package_path, "wb") as f:
+            f.write(b"a whole package")
+            if len(written) == 2:
+                raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C while the DiT package was written
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny_official, tmp_path, TARGET, backend="aoti", precision="fp32", device="cpu",
+              components=parts, log=lambda s: None)
+    assert [p.endswith(".tmp.pt2") for p in written] == [True, True]  # packages are written under temp names
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(data["engines"]) == [engine_key("aoti", "clip", TARGET)]
+    assert (tmp_path / engine_file("aoti", "clip", TARGET, "cpu")).is_file()
+    assert not (tmp_path / engine_file("aoti", "dit", TARGET, "cpu")).exists()
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left
+    lines = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path: Path(package_path).write_bytes(b"dit"))
+    build(tiny_official, tmp_path, TARGET, backend="aoti", precision="fp32", device="cpu",
+          components=parts, log=lines.append)
+    assert lines[0] == f"{engine_key('aoti', 'clip', TARGET)}: up to date"
+    assert sorted(json.loads((tmp_path / "manifest.json").read_text())["engines"]) == sorted(
+        engine_key("aoti", g, TARGET) for g in ("clip", "dit"))
 
 
 def test_aoti_rejects_fp8(tiny_official, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -99,13 +100,6 @@ def test_size_too_large_for_rope(tmp_path):
     assert r.exit_code != 0 and "RoPE table" in r.stderr
 
 
-def test_doctor_lists_backends():
-    r = runner.invoke(app, ["doctor"])
-    assert r.exit_code == 0
-    for name in ("eager", "onnxruntime", "aoti", "tensorrt", "triton"):
-        assert name in r.stdout
-
-
 def test_real_subprocess_makes_decodable_mp4(tmp_path):
     """The issue's own check: `wanrt generate --ckpt_dir tiny` with nothing else (the built-in model's
     64*64 x 17 target, the official 50 steps) writes an mp4 in which the bird flies from its place in the
@@ -132,3 +126,160 @@ def test_export_and_build_default_to_every_component():
     from wanrt.export.specs import COMPONENTS
 
     assert ",".join(COMPONENTS) == cli.DEFAULT_COMPONENTS
+
+
+# ------------------------------------------------------------------------ official defaults, options
+
+# The official FLF2V negative prompt, transcribed from wan/configs (../shared/spec/wan21-flf2v.md section 1):
+# "镜头切换，" + i2v's "镜头晃动，" + the shared negative prompt.
+OFFICIAL_NEG = ("镜头切换，镜头晃动，色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，"
+                "整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，"
+                "畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+class _Stop(Exception):
+    """Raised by the recording pipeline once the CLI has called it (not one of the CLI's known errors)."""
+
+
+def test_official_defaults(tiny_official, images, monkeypatch):
+    """`wanrt generate` with only the official required flags asks for 81 frames at 1280*720, 50 UniPC steps,
+    shift 16, guide scale 5.0, and the pipeline fills in the official negative prompt."""
+    import wanrt.parallel
+    from wanrt.pipeline import FLF2VPipeline
+
+    seen = {}
+
+    class Recording:
+        def __call__(self, first, last, prompt, **kw):
+            seen.update(kw, prompt=prompt)
+            raise _Stop
+
+    def load_pipeline(path, plan, run, **options):
+        seen["options"] = options
+        return Recording()
+
+    monkeypatch.setattr(wanrt.parallel, "load_pipeline", load_pipeline)
+    r = run(["--ckpt_dir", str(tiny_official), "--first_frame", images[0], "--last_frame", images[1],
+             "--prompt", "a bird", "--base_seed", "1"])
+    assert isinstance(r.exception, _Stop), r.output
+    assert seen["frame_num"] == 81 and seen["max_area"] == 1280 * 720
+    assert seen["sample_steps"] == 50 and seen["sample_shift"] == 16.0 and seen["guide_scale"] == 5.0
+    assert seen["sample_solver"] == "unipc" and seen["negative_prompt"] is None
+    assert seen["options"] == dict(device=None, dtype=None, attention="sdpa", kernels="torch", memory="resident",
+                                   cuda_graphs=True)
+    # None means the official negative prompt: the text encoder gets exactly it next to the prompt
+    pipe = FLF2VPipeline.from_pretrained(tiny_official)
+    encoded = []
+    real = pipe.encode_text
+    monkeypatch.setattr(pipe, "encode_text", lambda prompts: encoded.append(prompts) or real(prompts))
+    a, b = (np.asarray(Image.open(p)) for p in images)
+    pipe(a, b, "a bird", max_area=64 * 64, frame_num=5, sample_steps=1, seed=0, progress=False)
+    assert encoded == [["a bird", OFFICIAL_NEG]]
+
+
+def test_generate_kernel_memory_and_dtype_options(tmp_path, monkeypatch):
+    """--attention/--kernels/--memory/--no_cuda_graphs/--dtype reach the pipeline that runs, and it runs."""
+    import wanrt.parallel
+
+    built = []
+    real = wanrt.parallel.load_pipeline
+
+    def recording(*args, **options):
+        built.append(real(*args, **options))
+        return built[-1]
+
+    monkeypatch.setattr(wanrt.parallel, "load_pipeline", recording)
+    out = tmp_path / "v.mp4"
+    r = run([*TINY, "--sample_steps", "1", "--attention", "flash", "--kernels", "triton", "--memory", "sequential",
+             "--no_cuda_graphs", "--dtype", "fp32", "--base_seed", "0", "--save_file", str(out)])
+    assert r.exit_code == 0, r.output
+    pipe = built[0]
+    assert (pipe.attention, pipe.kernels, pipe.memory.mode, pipe.cuda_graphs) == ("flash", "triton", "sequential",
+                                                                                 False)
+    import torch
+
+    assert next(pipe.backends.dit.model.parameters()).dtype == torch.float32
+    assert read_mp4(out).shape == (5, 48, 64, 3)
+
+
+def _clip_component() -> str:
+    """The export/build --components name of the CLIP graph (the cheapest one to export or compile)."""
+    from wanrt.export import GRAPHS
+
+    return next(c for c, graphs in GRAPHS.items() if "clip" in graphs)
+
+
+def test_export_then_generate_with_engine_options(tiny_official, tmp_path):
+    """`wanrt export` (CLIP only: the cheapest graph) then `wanrt generate --backend onnxruntime --engine_dir
+    --override` running that graph with the other components eager."""
+    eng = tmp_path / "eng"
+    r = runner.invoke(app, ["export", "--ckpt_dir", str(tiny_official), "--size", "64*48", "--frame_num", "5",
+                            "--precision", "fp32", "--components", _clip_component(), "--out", str(eng)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((eng / "manifest.json").read_text())
+    assert list(manifest["graphs"]) == ["clip"] and (eng / "onnx" / "clip.onnx").is_file()
+    out = tmp_path / "v.mp4"
+    r = run(["--ckpt_dir", str(tiny_official), "--backend", "onnxruntime", "--engine_dir", str(eng),
+             "--override", "text_encoder=eager,dit=eager,vae=eager", "--sample_steps", "1", "--base_seed", "0",
+             "--save_file", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "backends: text_encoder=eager, image_encoder=onnxruntime, dit=eager, vae=eager" in r.stderr
+    assert read_mp4(out).shape == (5, 48, 64, 3)  # the engine's profile fixes size and frames
+
+
+@pytest.mark.slow
+def test_build_aoti_through_the_cli(tiny_official, tmp_path):
+    """`wanrt build --backend aoti` (CLIP only), then generate with that package (~1 minute on 2 cores)."""
+    eng = tmp_path / "eng"
+    r = runner.invoke(app, ["build", "--backend", "aoti", "--device", "cpu", "--ckpt_dir", str(tiny_official),
+                            "--size", "64*48", "--frame_num", "5", "--precision", "fp32",
+                            "--components", _clip_component(), "--out", str(eng)])
+    assert r.exit_code == 0, r.output
+    engines = json.loads((eng / "manifest.json").read_text())["engines"]
+    assert [e["graph"] for e in engines.values()] == ["clip"] and all(e["device"] == "cpu" for e in engines.values())
+    out = tmp_path / "v.mp4"
+    r = run(["--ckpt_dir", str(tiny_official), "--backend", "aoti", "--engine_dir", str(eng),
+             "--override", "text_encoder=eager,dit=eager,vae=eager", "--sample_steps", "1", "--base_seed", "0",
+             "--save_file", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "image_encoder=aoti" in r.stderr and read_mp4(out).shape == (5, 48, 64, 3)
+
+
+# ------------------------------------------------------------------------------------------- doctor
+
+
+def test_doctor_gives_the_reasons(monkeypatch):
+    """Each backend that cannot run says why, with the fix."""
+    import wanrt.doctor as doctor
+
+    real = doctor._version
+
+    def missing(module):
+        if module in ("onnxruntime", "tensorrt", "triton"):
+            return None, f"ModuleNotFoundError: No module named '{module}'"
+        return real(module)
+
+    monkeypatch.setattr(doctor, "_version", missing)
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)  # no C++ compiler
+    r = runner.invoke(app, ["doctor"])
+    assert r.exit_code == 0
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith(("ok", "no"))}
+    assert lines["eager"].startswith("ok")
+    assert lines["onnxruntime"].startswith("no") and "No module named 'onnxruntime'" in lines["onnxruntime"]
+    assert "pip install 'wanrt[export]'" in lines["onnxruntime"]
+    assert lines["aoti"].startswith("no") and "needs a C++ compiler" in lines["aoti"]
+    assert lines["tensorrt"].startswith("no") and "install TensorRT >= 10.12" in lines["tensorrt"]
+    assert lines["triton"].startswith("no") and "pip install triton" in lines["triton"]
+
+
+def test_doctor_on_this_machine():
+    import torch
+
+    r = runner.invoke(app, ["doctor"])
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith(("ok", "no"))}
+    assert set(lines) >= {"eager", "onnxruntime", "onnx", "aoti", "tensorrt", "triton"}
+    if not torch.cuda.is_available():
+        assert "CPU only (no CUDA device)" in lines["eager"]
+        assert lines["triton"].startswith("no") and "kernels need a GPU" in lines["triton"]
+        assert lines["tensorrt"].startswith("no")  # either not importable or no CUDA device
+        assert "not importable" in lines["tensorrt"] or "no CUDA device" in lines["tensorrt"]

@@ -76,7 +76,11 @@ def test_matches_diffusers(dit):
     t_big = torch.tensor([999, 500])
     err_big = rel_err(dit(t=t_big, **inp), _peer_forward(peer, TINY, inp, t_big))
     print(f"\nDiT vs diffusers: rel err {err_small:.2e} (t=3,17), {err_big:.2e} (t=999,500)")
-    assert err_small < 1e-5 and err_big < 1e-5
+    # measured 3.7e-7 at small t (summation order), tolerance 2e-6 (~5x); at large t measured 0, tolerance
+    # 1e-6: our float64 time table against the official float64 sinusoid. A time table computed in fp32
+    # gives 3.6e-6 here, so this is what proves the float64 table (README: Fidelity, DiT row).
+    assert err_small < 2e-6, err_small
+    assert err_big < 1e-6, err_big
 
 
 @torch.no_grad()
@@ -86,7 +90,9 @@ def test_batch2_equals_two_batch1(dit):
     both = dit(t=t, **inp)
     for i in range(2):
         one = dit(t=t[i:i + 1], **{k: v[i:i + 1] for k, v in inp.items()})
-        assert rel_err(both[i:i + 1], one) < 1e-6
+        err = rel_err(both[i:i + 1], one)
+        print(f"\nbatch 2 vs batch 1 [{i}]: rel err {err:.2e}")
+        assert err < 2e-6, err  # measured 4.1e-7, tolerance 2e-6 (5x): only GEMM blocking differs with the batch
 
 
 def _official_rope_apply(x, grid, head_dim):
@@ -123,11 +129,14 @@ def test_rope_equals_official_complex_float64(dit, head_dim, grid):
     else:
         cos, sin = model.rope(*grid)
     L = math.prod(grid)
-    x = torch.randn(1, L, 2, head_dim) * 3
+    x = torch.randn(1, L, 2, head_dim, generator=torch.Generator().manual_seed(L)) * 3
     ours = rope_ref(x, cos, sin)
     ref = _official_rope_apply(x, grid, head_dim)
     err = (ours - ref).abs().max().item()
-    assert err < 1e-5, err  # fp32 rounding of |x| ~ 10 values; the official output is fp32 too
+    print(f"\nRoPE vs official complex float64 (head_dim {head_dim}): max abs err {err:.2e}")
+    # measured 9.5e-7, tolerance 1e-5 (10x) (the README's "< 1e-5 abs."): fp32 rounding of |x| ~ 10 values
+    # (the official output is fp32 too); a wrong frequency split or axis order gives errors of order |x|
+    assert err < 1e-5, err
 
 
 def test_time_table_is_official_float64():
@@ -204,4 +213,7 @@ def test_bf16_precision_map(dit):
     ref, out = dit(t=t, **inp), low(t=t, **inp)
     assert out.dtype == torch.float32
     err = ((out - ref).norm() / ref.norm()).item()
-    assert err < 3e-2, err  # bf16 has 8 mantissa bits (~4e-3 per rounding), accumulated over the layers
+    print(f"\nbf16 precision map vs fp32: rel L2 {err:.2e}")
+    # measured 4.0e-3, tolerance 3e-2 (7.5x); bounded below by 1e-3 so that a map that left the matmul
+    # weights in fp32 (error ~1e-7) fails
+    assert 1e-3 < err < 3e-2, err  # bf16: 8 mantissa bits (~4e-3 per rounding) over the layers

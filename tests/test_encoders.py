@@ -74,7 +74,7 @@ def test_t5_matches_official_formula(models, tiny_official):
     ours = enc(ids, mask)
     err = rel_err(ours, ref)
     print(f"\nT5 vs official formula: rel err {err:.2e}")
-    assert err < 1e-5
+    assert err < 5e-6, err  # measured 1.0e-6, tolerance 5e-6: the transcription sums in another order
 
 
 @torch.no_grad()
@@ -93,7 +93,7 @@ def test_t5_matches_transformers_peer(models, tiny_diffusers):
     out = ours_model.encode(PROMPTS)
     err = rel_err(out, ref)
     print(f"\nT5 vs transformers UMT5EncoderModel: rel err {err:.2e}")
-    assert err < 1e-5
+    assert err < 1e-6, err  # measured 0 (same ops as transformers), tolerance 1e-6: a few fp32 ulps
     # rows after each prompt's tokens (EOS included) are exactly zero
     for row, n in zip(out, lens):
         assert row[n:].abs().max() == 0 and row[n - 1].abs().max() > 0
@@ -154,7 +154,7 @@ def test_clip_matches_official_formula(models, tiny_official):
     ref = _official_clip_visual(sd, pixels, enc.cfg.num_heads, enc.cfg.num_layers - 1)
     err = rel_err(enc(pixels), ref)
     print(f"\nCLIP vs official formula: rel err {err:.2e}")
-    assert err < 1e-5
+    assert err < 1e-6, err  # measured 0, tolerance 1e-6: a few fp32 ulps
 
 
 @torch.no_grad()
@@ -169,4 +169,4 @@ def test_clip_matches_transformers_peer(models, tiny_diffusers):
     assert out.shape == (2, models.image_encoder.cfg.num_tokens, models.image_encoder.cfg.dim)
     err = rel_err(out, ref)
     print(f"\nCLIP vs transformers CLIPVisionModel hidden_states[-2]: rel err {err:.2e}")
-    assert err < 1e-5
+    assert err < 1e-6, err  # measured 0, tolerance 1e-6: a few fp32 ulps

@@ -1,7 +1,7 @@
 """`wanrt export` + the ONNX Runtime backend on the tiny checkpoint (CPU, fp32).
 
-Tolerance for graph parity: relative error <= 1e-4 (fp32; ONNX Runtime fuses and reorders sums, and
-the export uses the explicit MatMul-Softmax-MatMul attention with a pre-scaled q)."""
+Graph parity is fp32 rounding only (ONNX Runtime fuses and reorders sums, and the export uses the explicit
+MatMul-Softmax-MatMul attention with a pre-scaled q): measured 5e-7..5e-6, asserted 5-10x above (TOL_*)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from wanrt.pipeline import FLF2VPipeline, InputError
 from wanrt.runtime.onnxruntime import Graph
 
 TARGET = Target(64, 48, 9)
+# graph parity, relative to the reference's largest value (`pytest -s` prints them). Measured: T5 1.0e-6,
+# CLIP 6.0e-7, DiT 4.7e-7, VAE chunk loop encode 7.1e-7 / decode 5.4e-6; tolerances 5-10x above those
+TOL_T5, TOL_CLIP, TOL_DIT, TOL_VAE_ENCODE, TOL_VAE_DECODE = 1e-5, 5e-6, 5e-6, 5e-6, 3e-5
 
 
 def rel_err(a, b):
@@ -69,12 +72,16 @@ def test_t5_parity(engine, models):
     ids, mask = models.text_encoder.tokenize(["a bird flies over the sky"])
     ref = models.text_encoder(ids, mask)
     out = graph(engine, "t5")(ids, mask)[0]
-    assert rel_err(out, ref) < 1e-4
+    err = rel_err(out, ref)
+    print(f"\nT5 ONNX Runtime vs eager: rel err {err:.2e}")
+    assert err < TOL_T5, err
 
 
 def test_clip_parity(engine, models):
     px = models.image_encoder.preprocess(torch.rand(2, 3, 40, 56) * 2 - 1)
-    assert rel_err(graph(engine, "clip")(px)[0], models.image_encoder(px)) < 1e-4
+    err = rel_err(graph(engine, "clip")(px)[0], models.image_encoder(px))
+    print(f"\nCLIP ONNX Runtime vs eager: rel err {err:.2e}")
+    assert err < TOL_CLIP, err
 
 
 def test_dit_parity(engine, models):
@@ -86,7 +93,7 @@ def test_dit_parity(engine, models):
         ref = models.dit(*args)
     err = rel_err(graph(engine, "dit")(*args)[0], ref)
     print(f"\nDiT ONNX Runtime vs eager: rel err {err:.2e}")
-    assert err < 1e-4
+    assert err < TOL_DIT, err
 
 
 def test_vae_chunk_loop_parity(engine, models):
@@ -101,8 +108,9 @@ def test_vae_chunk_loop_parity(engine, models):
         z_ref = models.vae.encode(video)
         v_ref = models.vae.decode(z_ref)
     z = encode_chunks(vae.encode_chunk, video)
-    assert rel_err(z, z_ref) < 1e-4
-    assert rel_err(decode_chunks(vae.decode_chunk, z_ref), v_ref) < 1e-4
+    err_enc, err_dec = rel_err(z, z_ref), rel_err(decode_chunks(vae.decode_chunk, z_ref), v_ref)
+    print(f"\nVAE ONNX Runtime chunk loop vs eager: encode {err_enc:.2e}, decode {err_dec:.2e}")
+    assert err_enc < TOL_VAE_ENCODE and err_dec < TOL_VAE_DECODE, (err_enc, err_dec)
 
 
 def test_onnxruntime_video_matches_eager(engine, tiny_official):
@@ -117,7 +125,9 @@ def test_onnxruntime_video_matches_eager(engine, tiny_official):
     assert ort.frames.shape == eager.frames.shape == (9, 48, 64, 3)
     value = psnr(ort.frames, eager.frames)
     print(f"\nONNX Runtime vs eager video: PSNR {value:.1f} dB")
-    assert value >= 40.0
+    # measured 85.3 dB, tolerance 75 dB (about 4x the RMS error): fp32 graphs differ from eager only by
+    # fusion and summation order; finite, since bit-identical frames would mean eager ran
+    assert 75.0 <= value < float("inf"), value
     assert pipe.backends.names["dit"] == "onnxruntime"
 
 
@@ -157,7 +167,10 @@ def test_corrupted_graph_is_detected(engine, tmp_path):
 def test_rerun_skips_and_crash_leaves_honest_manifest(engine, tiny_official, tmp_path, monkeypatch):
     lines = []
     export(tiny_official, shutil.copytree(engine, tmp_path / "again"), TARGET, precision="fp32", log=lines.append)
-    assert all(line.endswith("up to date") for line in lines) and len(lines) == 8  # 7 graphs + the dit_time table
+    from wanrt.export import GRAPHS
+
+    n_graphs = sum(len(graphs) for graphs in GRAPHS.values())  # every graph of every component
+    assert all(line.endswith("up to date") for line in lines) and len(lines) == n_graphs + 1  # + the dit_time table
     # a crash while writing the DiT: the manifest lists what finished before, nothing else
     out = tmp_path / "eng"
     from wanrt.export import onnx as onnx_export
@@ -190,7 +203,9 @@ def test_external_data(tiny_official, tmp_path):
     assert weights and all(i.data_location == onnx.TensorProto.EXTERNAL for i in weights)
     px = torch.randn(2, 3, 32, 32)
     ref = load(tiny_official, components=("image_encoder",)).image_encoder(px)
-    assert rel_err(Graph(Manifest.load(tmp_path), "clip", TARGET, torch.device("cpu"))(px)[0], ref) < 1e-4
+    err = rel_err(Graph(Manifest.load(tmp_path), "clip", TARGET, torch.device("cpu"))(px)[0], ref)
+    print(f"\nCLIP (external data) ONNX Runtime vs eager: rel err {err:.2e}")
+    assert err < TOL_CLIP, err
 
 
 def test_bf16_export_is_strongly_typed(tiny_official, tmp_path):

@@ -89,7 +89,7 @@ def test_wrong_key(official_copy):
     sd = load_file(path)
     sd["blocks.0.self_attn.q_proj.weight"] = sd.pop("blocks.0.self_attn.q.weight")
     save_file(sd, path)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) \['blocks.0.self_attn.q.weight'\]") as e:
         loading.load(official_copy, components=("dit",))
     msg = str(e.value)
     assert "diffusion_pytorch_model.safetensors" in msg

@@ -64,7 +64,8 @@ def test_mask_generalises(frame_num):
 
 
 def test_conditioning_video_matches_official():
-    first, last = torch.rand(3, 30, 40) * 2 - 1, torch.rand(3, 30, 40) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    first, last = torch.rand(3, 30, 40, generator=g) * 2 - 1, torch.rand(3, 30, 40, generator=g) * 2 - 1
     v = conditioning_video(first, last, 81, 48, 64)
     ref = torch.concat([F.interpolate(first[None], size=(48, 64), mode="bicubic").transpose(0, 1),
                         torch.zeros(3, 79, 48, 64),
@@ -152,7 +153,11 @@ def test_cfg_batch2_loop_equals_official_loop(pipe):
         pred = uncond + 5.0 * (cond - uncond)
         x = sched.step(pred.unsqueeze(0), t, x.unsqueeze(0), return_dict=False)[0].squeeze(0)
     err = ((ours[0] - x).abs().max() / x.abs().max()).item()
-    assert err < 1e-5, err
+    print(f"\nCFG loop vs official loop: rel err {err:.2e}")
+    # measured 9.2e-7, tolerance 5e-6 (5x; the README says "< 1e-5 rel."): batch-2 vs batch-1 GEMMs and the
+    # table scheduler's precomputed coefficients differ only in rounding; a wrong guidance formula or a
+    # swapped cond/uncond row gives errors of order 1
+    assert err < 5e-6, err
 
 
 def test_text_embeddings_computed_once(pipe, monkeypatch):
@@ -212,11 +217,15 @@ def test_atomic_writes_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
         assert p.stat().st_mode & 0o777 == 0o640, p  # 0666 minus the umask, as open() would give
 
 
-@pytest.mark.parametrize("attention,kernels,min_psnr", [("flash", "triton", 60.0), ("sage", "torch", 40.0)])
-def test_pipeline_with_triton_kernels(tiny_official, attention, kernels, min_psnr):
+# measured (TRITON_INTERPRET=1): flash+triton 90.0 dB, sage 53.3 dB vs the default kernels.
+# Lower bounds ~3x the measured RMS error (-9.5 dB); upper bounds prove the kernels ran: the default kernels
+# give identical frames (inf), and sage without its 8-bit quantisation would be as close as flash.
+@pytest.mark.parametrize("attention,kernels,lo,hi", [("flash", "triton", 78.0, float("inf")),
+                                                      ("sage", "torch", 44.0, 70.0)])
+def test_pipeline_with_triton_kernels(tiny_official, attention, kernels, lo, hi):
     """The whole eager pipeline with our Triton kernels selected (run by Triton's CPU interpreter here).
-    fp32 flash + fused kernels differ from SDPA/torch only by summation order (-> ~90 dB measured);
-    sage quantises Q/K to INT8 per block (-> ~53 dB measured). PSNR vs the default kernels."""
+    fp32 flash + fused kernels differ from SDPA/torch only by summation order; sage quantises Q/K to INT8
+    per block. PSNR vs the default kernels."""
     pytest.importorskip("triton")
     from wanrt.metrics import psnr
 
@@ -225,7 +234,9 @@ def test_pipeline_with_triton_kernels(tiny_official, attention, kernels, min_psn
     ref = FLF2VPipeline.from_pretrained(tiny_official)(a, b, "a bird", **kw).frames
     pipe = FLF2VPipeline.from_pretrained(tiny_official, attention=attention, kernels=kernels)
     out = pipe(a, b, "a bird", **kw).frames
-    assert psnr(out, ref) >= min_psnr
+    value = psnr(out, ref)
+    print(f"\n{attention} + {kernels} kernels vs default: PSNR {value:.1f} dB")
+    assert lo <= value < hi, value
 
 
 def test_unknown_kernel_names(tiny_official):

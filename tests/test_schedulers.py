@@ -155,9 +155,9 @@ def test_step_does_not_modify_input_and_rejects_extra_steps():
     x1 = s.step(_model(x0, s.timesteps[0], bias), s.timesteps[0], x0)
     assert torch.equal(x0, noise) and x1 is not x0
     s.step(_model(x1, s.timesteps[1], bias), s.timesteps[1], x1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"all 2 steps already taken; call set_timesteps\(\)"):
         s.step(x1, s.timesteps[1], x1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"call set_timesteps\(\) first"):
         FlowDPMSolverScheduler().step(x1, 0, x1)
 
 
@@ -183,5 +183,5 @@ def test_make_scheduler():
     for bad in ("UniPC", "dpm", "heun", ""):
         with pytest.raises(ValueError, match="unipc"):
             make_scheduler(bad, 16.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1, got 0"):
         FlowUniPCScheduler().set_timesteps(0)

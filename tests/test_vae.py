@@ -16,7 +16,11 @@ from wanrt.models.vae import WanVAE
 
 diffusers = pytest.importorskip("diffusers")
 
-TOL = 1e-5
+# measured (relative to the reference's largest value): 0 at batch 1 for encode and decode (same ops, same
+# order as diffusers), 2.5e-7 (encode) / 1.6e-6 (decode) at batch 2 (batched GEMM blocking). Tolerances:
+# 1e-6 at batch 1 (a few fp32 ulps: any formula difference is >= 1e-4), 2e-6 / 8e-6 at batch 2 (5-8x).
+TOL_ENCODE = {1: 1e-6, 2: 2e-6}
+TOL_DECODE = {1: 1e-6, 2: 8e-6}
 H, W = 32, 48  # latent 4 x 6
 
 
@@ -78,7 +82,7 @@ def test_encode_matches_diffusers(pair, batch, frames):
     assert z.shape == (batch, 16, 1 + (frames - 1) // 4, H // 8, W // 8)
     err = rel_err(z, ref)
     print(f"\nencode B={batch} T={frames}: rel err {err:.3e} (max|ref| {ref.abs().max().item():.3f})")
-    assert err <= TOL
+    assert err <= TOL_ENCODE[batch], err
 
 
 @pytest.mark.parametrize("batch,latent_frames", [(1, 1), (1, 2), (1, 3), (1, 5), (2, 3)])
@@ -94,7 +98,7 @@ def test_decode_matches_diffusers(pair, batch, latent_frames):
     err = rel_err(video, ref)
     saturated = (ref.abs() == 1).float().mean().item()
     print(f"\ndecode B={batch} T_lat={latent_frames}: rel err {err:.3e} (clamped pixels {saturated:.1%})")
-    assert err <= TOL
+    assert err <= TOL_DECODE[batch], err
 
 
 def test_nearest_exact_equals_nearest_for_2x():
