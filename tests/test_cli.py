@@ -165,8 +165,9 @@ def test_official_defaults(tiny_official, images, monkeypatch):
     assert seen["frame_num"] == 81 and seen["max_area"] == 1280 * 720
     assert seen["sample_steps"] == 50 and seen["sample_shift"] == 16.0 and seen["guide_scale"] == 5.0
     assert seen["sample_solver"] == "unipc" and seen["negative_prompt"] is None
+    assert seen["cache"] == "none" and seen["timesteps"] is None and seen["last_frame_fit"] == "resize"
     assert seen["options"] == dict(device=None, dtype=None, attention="sdpa", kernels="torch", memory="resident",
-                                   cuda_graphs=True)
+                                   cuda_graphs=True, lora=None)  # no LoRA
     # None means the official negative prompt: the text encoder gets exactly it next to the prompt
     pipe = FLF2VPipeline.from_pretrained(tiny_official)
     encoded = []

@@ -115,9 +115,9 @@ def test_fp8_weights_are_pre_transposed():
     assert not [n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0].endswith("_dq")]
 
 
-@pytest.mark.parametrize("form", ["flash", "Attention"])
+@pytest.mark.parametrize("form", ["triton", "Attention"])
 def test_unknown_graph_attention_is_refused(form):
-    with pytest.raises(ValueError, match="graph attention must be one of matmul, onnx"):
+    with pytest.raises(ValueError, match="graph attention must be one of matmul, onnx, flash, sage"):
         _trace("fp32", form)
 
 

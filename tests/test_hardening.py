@@ -272,3 +272,18 @@ def test_every_option_has_a_description_and_generate_groups_them():
     r = _cli("generate", "--help")
     titles = [line.rstrip(":") for line in r.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert titles == [*GenerateCommand.GROUPS, "Other options"], titles
+
+
+def test_multi_process_relaunch_repeats_each_lora_and_omits_none():
+    """`--nproc N` re-runs the command per rank from its parsed values: a repeatable option must come back
+    once per value (it came back as `--lora ()` and every rank failed on a file named '()')."""
+    import typer.main
+
+    from wanrt.cli import app
+    from wanrt.parallel.launch import command_argv
+
+    cmd = typer.main.get_command(app).commands["generate"]
+    ctx = cmd.make_context("generate", ["--ckpt_dir", "tiny", "--lora", "a.safetensors", "--lora", "b.pt:0.5"])
+    argv = command_argv(ctx)
+    assert argv.count("--lora") == 2 and "a.safetensors" in argv and "b.pt:0.5" in argv
+    assert "--lora" not in command_argv(cmd.make_context("generate", ["--ckpt_dir", "tiny"]))

@@ -181,6 +181,10 @@ def command_argv(ctx, drop: Sequence[str] = ("nproc",)) -> list[str]:
         if getattr(p, "param_type_name", None) != "option" or p.name in drop:
             continue
         value = ctx.params.get(p.name)
+        if getattr(p, "multiple", False):  # a repeatable option (--lora a --lora b): each value, none if empty
+            for item in value or ():
+                argv += [p.opts[0], str(item)]
+            continue
         if value is None or value == p.default:
             continue
         if p.is_flag:
