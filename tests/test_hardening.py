@@ -28,9 +28,29 @@ def _frames(n=5, h=16, w=24, seed=0):
 
 
 def _cli(*args, cwd=None, timeout=600):
+    """A real `python -m wanrt` process (exit codes, Ctrl-C, what a user sees)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "wanrt", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
+
+
+def _cli_here(*args, cwd=None):
+    """The same command in this process (typer's CliRunner; no torch import per call): returncode,
+    stdout and stderr like `_cli`."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from wanrt.cli import app
+
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        r = CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(old)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 # ------------------------------------------------------------------------------------------ output files
@@ -211,7 +231,7 @@ def test_triton_kernels_on_a_device_that_cannot_run_them_are_refused(tiny_offici
     (["--save_file", "x.png"], "must end in .mp4"),
 ])
 def test_cli_refuses_in_one_line(args, match, tmp_path):
-    r = _cli("generate", "--ckpt_dir", "tiny-random", *args, cwd=tmp_path)
+    r = _cli_here("generate", "--ckpt_dir", "tiny-random", *args, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -223,7 +243,7 @@ def test_cli_refuses_in_one_line(args, match, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
 def test_cli_device_cuda_without_cuda_is_one_line(tmp_path):
-    r = _cli("generate", "--ckpt_dir", "tiny-random", "--device", "cuda", cwd=tmp_path)
+    r = _cli_here("generate", "--ckpt_dir", "tiny-random", "--device", "cuda", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "use --device cpu" in r.stderr, r.stderr
 
 
@@ -232,7 +252,7 @@ def test_cli_version_and_official_flags():
     from wanrt import __version__
 
     assert r.returncode == 0 and r.stdout.strip() == f"wanrt {__version__}"
-    r = _cli("generate", "--ckpt_dir", "tiny-random", "--image", "a.png", "--src_video", "v.mp4", "--src_mask",
+    r = _cli_here("generate", "--ckpt_dir", "tiny-random", "--image", "a.png", "--src_video", "v.mp4", "--src_mask",
              "m.mp4", "--src_ref_images", "r.png", "--frame_num", "3")  # accepted with notes, then a real error
     assert "note: --image is accepted" in r.stderr and "note: --src_ref_images is accepted" in r.stderr
     assert "No such option" not in r.stderr and "frame_num must be 4n+1" in r.stderr
@@ -241,7 +261,7 @@ def test_cli_version_and_official_flags():
 def test_export_out_naming_a_file_is_one_line(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    r = _cli("export", "--ckpt_dir", "tiny-random", "--out", str(f))
+    r = _cli_here("export", "--ckpt_dir", "tiny-random", "--out", str(f))
     assert r.returncode == 1 and r.stderr.strip() == f"error: --out {f} is a file; give a folder for the engine " \
         "dir (new, or one made by wanrt)", r.stderr
 
