@@ -61,6 +61,19 @@ TINY_TARGET = (64, 48, 9)  # the engine target of the shared engine fixtures (4:
 
 
 @pytest.fixture(scope="session")
+def calibration(tiny_official):
+    """FP8 scales of the tiny checkpoint at TINY_TARGET: block linears and every attention's q/k/v (one
+    calibration run shared by tests/test_fp8.py and tests/test_fp8_attention.py)."""
+    from wanrt.calibration import calibrate
+    from wanrt.export.specs import Target
+    from wanrt.pipeline import FLF2VPipeline
+    from wanrt.samples import SAMPLE_PROMPT
+
+    pipe = FLF2VPipeline.from_pretrained(tiny_official)
+    return calibrate(pipe, Target(*TINY_TARGET), steps=2, prompts=(SAMPLE_PROMPT,), attention=True)
+
+
+@pytest.fixture(scope="session")
 def ort_engine(tiny_official, tmp_path_factory):
     """fp32 ONNX graphs of the tiny checkpoint (the onnxruntime backend's engine dir)."""
     from wanrt.engine.exporter import export

@@ -25,14 +25,6 @@ def pipe(tiny_official):
     return FLF2VPipeline.from_pretrained(tiny_official)
 
 
-@pytest.fixture(scope="module")
-def calibration(pipe):
-    from wanrt.calibration import calibrate
-    from wanrt.samples import SAMPLE_PROMPT
-
-    return calibrate(pipe, TARGET, steps=2, prompts=(SAMPLE_PROMPT,))
-
-
 def _inputs(spec):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(t.shape, generator=g) if t.dtype == "float32" else torch.tensor([999, 500])

@@ -26,14 +26,6 @@ def pipe(tiny_official):
     return FLF2VPipeline.from_pretrained(tiny_official)
 
 
-@pytest.fixture(scope="module")
-def calibration(pipe):
-    from wanrt.calibration import calibrate
-    from wanrt.samples import SAMPLE_PROMPT
-
-    return calibrate(pipe, TARGET, steps=2, prompts=(SAMPLE_PROMPT,), attention=True)
-
-
 class FakeQuantAttention:
     """The Q/DQ points of insert_attention_qdq, in PyTorch (per attention call of one DiT forward)."""
 
