@@ -4,6 +4,7 @@
     python scripts/eval_tiny.py                          # 20 held-out clips, 4 / 10 / 50 steps, the shipped model
     python scripts/eval_tiny.py --steps 4 --clips 5 --ckpt_dir tiny-random   # the random model, for contrast
     python scripts/eval_tiny.py --demo docs/tiny_demo.png                    # also render the demo strip
+    python scripts/eval_tiny.py --targets                # the issue-18 targets at 64x64, 64x48, 48x64, 96x64
 
 Clips are 17 frames at 64x64 from seeds never used in training (wanrt.tiny.data.heldout_seeds), generated
 through the public pipeline with the defaults of `wanrt generate` (UniPC, shift 16, guide scale 5, the
@@ -53,6 +54,29 @@ def demo_strip(pipe, path: Path, steps: int, seed: int) -> None:
     print(f"wrote {path}")
 
 
+TARGET_SIZES = ((64, 64), (64, 48), (48, 64), (96, 64))
+
+
+def targets(pipe, args) -> dict:
+    """Held-out single disks/squares on gradients, 17 frames, 20 steps, at every trained size: no cross-faded
+    frame, colour within 40/255, centroid error <= 20% of the start-end distance and first/last >= 25 dB on
+    every clip."""
+    out = {}
+    print(f"{'size':>6} {'clips':>5} {'min first':>9} {'min last':>8} {'crossfaded':>10} {'max colour':>10} "
+          f"{'max rel. centroid':>17} {'pass':>5}")
+    for w, h in TARGET_SIZES:
+        summary, scores = evaluate.evaluate(pipe, seeds=data.heldout_seeds(args.clips), steps=args.target_steps,
+                                            width=w, height=h, shapes=evaluate.SIMPLE, seed=args.seed)
+        ok = [s.psnr_first >= 25 and s.psnr_last >= 25 and s.crossfaded == 0 and s.color_error <= 40
+              and s.relative_centroid_error <= 0.2 for s in scores]
+        summary["clips_passing"] = int(sum(ok))
+        out[f"{w}x{h}"] = {"summary": summary, "clips": [s.as_dict() for s in scores]}
+        print(f"{w}x{h:<3} {len(scores):>5} {summary['min_psnr_first']:>9.1f} {summary['min_psnr_last']:>8.1f} "
+              f"{summary['crossfaded']:>10d} {summary['max_color_error']:>10.1f} "
+              f"{summary['max_relative_centroid_error']:>17.2f} {sum(ok):>2d}/{len(ok)}", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", default="tiny")
@@ -65,9 +89,16 @@ def main() -> None:
     p.add_argument("--json", help="write the summary (and per-clip scores) here")
     p.add_argument("--demo", help="write a PNG strip of the demo and two held-out clips here")
     p.add_argument("--demo_steps", type=int, default=10)
+    p.add_argument("--targets", action="store_true", help="only the issue-18 targets table (see targets())")
+    p.add_argument("--target_steps", type=int, default=20)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = FLF2VPipeline.from_pretrained(args.ckpt_dir, device="cpu")
+    if args.targets:
+        result = targets(pipe, args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "targets": result}, indent=2))
+        return
     seeds = data.heldout_seeds(args.clips)
     results = {}
     print(f"{args.ckpt_dir}: {len(seeds)} held-out clips, 17 frames 64x64, guide {args.guide_scale}, "

@@ -41,7 +41,7 @@ from wanrt.models.dit import WanDiT  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
 from wanrt.tiny import data, train  # noqa: E402
 
-STAGES = ("base", "vae", "latents", "dit", "export")
+STAGES = ("base", "vae", "latents", "dit", "varied_latents", "varied", "export")
 
 
 def log(msg: str) -> None:
@@ -118,28 +118,26 @@ def stage_vae(args, workdir: Path) -> None:
     (workdir / "vae_history.json").write_text(json.dumps(history))
 
 
-def group_seeds(args) -> dict[tuple[int, int, int], list[int]]:
+def group_seeds(args, groups=train.GROUPS, clips: int | None = None, first: int | None = None
+                ) -> dict[tuple[int, int, int], list[int]]:
     """Disjoint training seeds per (frames, width, height) group."""
-    out, next_seed = {}, args.seed * 100_000
-    for frames, w, h, share in train.GROUPS:
-        n = max(1, round(args.clips * share))
+    out = {}
+    next_seed = args.seed * 100_000 if first is None else first
+    for frames, w, h, share in groups:
+        n = max(1, round((args.clips if clips is None else clips) * share))
         out[(frames, w, h)] = list(range(next_seed, next_seed + n))
         next_seed += n
     assert next_seed < data.HELDOUT_SEED0
     return out
 
 
-def stage_latents(args, workdir: Path) -> None:
-    final = workdir / "latents.pt"
-    if final.is_file():
-        return
+def encode_latents(args, workdir: Path, final: Path, seeds: dict, make) -> None:
     from wanrt.pipeline import FLF2VPipeline
     from wanrt.runtime.backends import eager
 
     models = load_models(workdir)
     pipe = FLF2VPipeline(eager(models), models.config, models.text_encoder.tokenizer, torch.device("cpu"))
-    seeds = group_seeds(args)
-    prompts = sorted({p for (f, w, h), s in seeds.items() for p in train.group_prompts(s, f, w, h)})
+    prompts = sorted({p for (f, w, h), s in seeds.items() for p in train.group_prompts(s, f, w, h, make)})
     prompts.append(FLF2V_NEG_PROMPT)  # last row: the unconditional branch (prompt dropout)
     index = {p: i for i, p in enumerate(prompts)}
     context, bias = train.compact_context(pipe, prompts)
@@ -147,53 +145,76 @@ def stage_latents(args, workdir: Path) -> None:
     t0 = time.time()
     with train.fast_vae_norm():
         for (frames, w, h), s in seeds.items():
-            groups[(frames, w, h)] = train.encode_group(pipe, s, frames, w, h, index).__dict__
+            groups[(frames, w, h)] = train.encode_group(pipe, s, frames, w, h, index, make=make).__dict__
             log(f"latents: {len(s)} clips of {frames} frames {w}x{h} ({time.time() - t0:.0f} s)")
     x0 = torch.cat([g["x0"].flatten() for g in groups.values()])
     log(f"latents: per-element mean {x0.mean():.3f} std {x0.std():.3f} (the DiT assumes ~0 / ~1)")
     torch.save({"prompts": prompts, "context": context, "bias": bias, "groups": groups}, final)
 
 
-def stage_dit(args, workdir: Path) -> None:
-    final = workdir / "dit_ema.pt"
+def stage_latents(args, workdir: Path) -> None:
+    final = workdir / "latents.pt"
+    if not final.is_file():
+        encode_latents(args, workdir, final, group_seeds(args), data.make_clip)
+
+
+def varied_seeds(args) -> dict:
+    # after every seed of the first run, so the two runs never share a clip
+    return group_seeds(args, train.VARIED_GROUPS, args.varied_clips, first=args.seed * 100_000 + 50_000)
+
+
+def stage_varied_latents(args, workdir: Path) -> None:
+    final = workdir / "varied_latents.pt"
+    if not final.is_file():
+        encode_latents(args, workdir, final, varied_seeds(args), train.varied_clip)
+
+
+def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, lr: float, init: Path | None,
+              given_weight: float) -> None:
+    """Flow matching on pre-encoded latents; `tag` names the files (<tag>_state.pt, <tag>_ema.pt, ...)."""
+    final = workdir / f"{tag}_ema.pt"
     if final.is_file():
         return
-    lat = torch.load(workdir / "latents.pt", weights_only=False)
-    groups = {k: train.LatentSet(**v) for k, v in lat["groups"].items()}
-    keys = list(groups)
-    shares = np.array([g[3] for g in train.GROUPS])
+    lat = torch.load(workdir / latents, weights_only=False)
+    sets = {k: train.LatentSet(**v) for k, v in lat["groups"].items()}
+    keys = list(sets)
+    shares = np.array([g[3] for g in groups])
     context, bias = lat["context"], lat["bias"]
     neg = len(lat["prompts"]) - 1
     torch.manual_seed(args.seed)
     cfg = train.trained_config().dit
     dit = WanDiT(cfg).train()
-    train.init_dit(dit)
+    if init is None:
+        train.init_dit(dit)
+    else:  # a second run continues from the first run's EMA weights
+        dit.load_state_dict(torch.load(init, weights_only=True))
     ema = train.EMA(dit, args.ema)
-    opt = torch.optim.AdamW(dit.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ropes = {}
-    state_path, history, start = workdir / "dit_state.pt", [], 0
+    state_path, history, start = workdir / f"{tag}_state.pt", [], 0
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         dit.load_state_dict(st["model"])
         ema.shadow = st["ema"]
         opt.load_state_dict(st["opt"])
         history, start = st["history"], st["step"]
-        log(f"dit: resuming at step {start}")
+        log(f"{tag}: resuming at step {start}")
+    salt = 7 if init is None else 11  # the first run's data order is unchanged by the second run's existence
     t0 = time.time()
-    for step in range(start, args.dit_steps):
+    for step in range(start, steps):
         for g in opt.param_groups:
-            g["lr"] = train.cosine_lr(step, args.dit_steps, args.dit_lr, warmup=100)
-        rng = np.random.default_rng([args.seed, 7, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            g["lr"] = train.cosine_lr(step, steps, lr, warmup=100)
+        rng = np.random.default_rng([args.seed, salt, step])
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + (0 if init is None else 500_000))
         key = keys[rng.choice(len(keys), p=shares / shares.sum())]
-        g = groups[key]
+        g = sets[key]
         idx = torch.from_numpy(rng.integers(0, len(g.x0), args.dit_batch))
         x0, y, clip_fea, pidx = g.x0[idx], g.y[idx], g.clip[idx], g.prompt[idx].clone()
         # object cells weigh more: the static background is copied from the given frames early on, the
         # moving object is what the model has to learn to place
         weight = 1.0 + args.object_weight * g.objects[idx][:, None].float()
         # the latent frames that carry the given first and last frame: users compare those to their inputs
-        weight[:, :, [0, -1]] += args.given_weight
+        weight[:, :, [0, -1]] += given_weight
         pidx[torch.from_numpy(rng.random(args.dit_batch) < args.prompt_dropout)] = neg
         sigma = train.sample_sigmas(args.dit_batch, gen)
         # the sampler feeds the DiT int(1000 sigma) (truncated) while mixing with the float sigma; do the same
@@ -216,15 +237,26 @@ def stage_dit(args, workdir: Path) -> None:
         hi = sigma > 0.8
         x0_err = ((per_sample[hi] * sigma[hi] ** 2).mean().item() if hi.any() else float("nan"))
         history.append((step, loss.item(), x0_err))
-        if step % 50 == 0 or step == args.dit_steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             recent = history[-50:]
-            log(f"dit {step:5d}/{args.dit_steps}  loss {np.mean([h[1] for h in recent]):.4f}  "
+            log(f"{tag} {step:5d}/{steps}  loss {np.mean([h[1] for h in recent]):.4f}  "
                 f"x0 mse (sigma>0.8) {np.nanmean([h[2] for h in recent]):.4f}  ({time.time() - t0:.0f} s)")
         if (step + 1) % 250 == 0:
             torch.save({"model": dit.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
                         "history": history, "step": step + 1}, state_path)
     torch.save(ema.shadow, final)
-    (workdir / "dit_history.json").write_text(json.dumps(history))
+    (workdir / f"{tag}_history.json").write_text(json.dumps(history))
+
+
+def stage_dit(args, workdir: Path) -> None:
+    train_dit(args, workdir, "dit", "latents.pt", train.GROUPS, args.dit_steps, args.dit_lr, None, args.given_weight)
+
+
+def stage_varied(args, workdir: Path) -> None:
+    """The second run: the first run's DiT on every trained size and length and the varied scenes."""
+    if args.varied_steps:
+        train_dit(args, workdir, "varied", "varied_latents.pt", train.VARIED_GROUPS, args.varied_steps,
+                  args.varied_lr, workdir / "dit_ema.pt", args.varied_given_weight)
 
 
 def stage_export(args, workdir: Path) -> None:
@@ -234,7 +266,8 @@ def stage_export(args, workdir: Path) -> None:
     shutil.copytree(workdir / "base", tmp)
     models = load_models(workdir)
     dit = WanDiT(models.config.dit)
-    dit.load_state_dict(torch.load(workdir / "dit_ema.pt", weights_only=True))
+    final = "varied_ema.pt" if args.varied_steps else "dit_ema.pt"
+    dit.load_state_dict(torch.load(workdir / final, weights_only=True))
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
@@ -252,33 +285,37 @@ def stage_export(args, workdir: Path) -> None:
 
 
 def plot(workdir: Path) -> None:
+    """loss.png: the curves of the runs whose histories are in the workdir (VAE, first DiT run, second run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    vh = json.loads((workdir / "vae_history.json").read_text())
-    dh = json.loads((workdir / "dit_history.json").read_text())
+    runs = [(n, json.loads((workdir / f"{n}_history.json").read_text())) for n in ("vae", "dit", "varied")
+            if (workdir / f"{n}_history.json").is_file()]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
 
     def smooth(v, k=25):
         v = np.asarray(v, dtype=float)
         return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) > k else v
 
-    ax = axes[0]
-    ax.plot(smooth([h[2] for h in vh]), label="reconstruction PSNR (dB)")
-    ax.set_xlabel("VAE step (32x32 crops, then whole 64x64 frames)")
-    ax.set_ylabel("training-batch PSNR (dB)")
-    ax.set_title("VAE (autoencoder on synthetic clips)")
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    ax.semilogy(smooth([h[1] for h in dh]), label="velocity MSE")
-    x0 = [h[2] for h in dh]
-    ax.semilogy(smooth([v for v in x0 if not math.isnan(v)]), label="x0 MSE at sigma > 0.8")
-    ax.set_xlabel("DiT step")
-    ax.set_title("DiT (flow matching, FLF2V conditioning)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    for ax, (name, hist) in zip(axes[0], runs):
+        if name == "vae":
+            ax.plot(smooth([h[2] for h in hist]), label="reconstruction PSNR (dB)")
+            ax.set_xlabel("VAE step (32x32 crops, then whole 64x64 frames)")
+            ax.set_ylabel("training-batch PSNR (dB)")
+            ax.set_title("VAE (autoencoder on synthetic clips)")
+        else:
+            ax.semilogy(smooth([h[1] for h in hist]), label="velocity MSE (weighted)")
+            x0 = [h[2] for h in hist]
+            ax.semilogy(smooth([v for v in x0 if not math.isnan(v)]), label="x0 MSE at sigma > 0.8")
+            ax.set_xlabel("DiT step")
+            ax.set_title("DiT, first run (flow matching, FLF2V conditioning)" if name == "dit" else
+                         "DiT, second run (every size and length, varied scenes)")
+            ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(workdir / "loss.png", dpi=100)
     plt.close(fig)
@@ -299,6 +336,10 @@ def main() -> None:
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)
     p.add_argument("--dit_lr", type=float, default=3e-3)
+    p.add_argument("--varied_clips", type=int, default=3200, help="clips of the second run over all its groups")
+    p.add_argument("--varied_steps", type=int, default=3000, help="second-run DiT steps (0: ship the first run)")
+    p.add_argument("--varied_lr", type=float, default=1e-3)
+    p.add_argument("--varied_given_weight", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--prompt_dropout", type=float, default=0.1)
     p.add_argument("--object_weight", type=float, default=3.0, help="extra DiT loss weight of object cells")

@@ -70,6 +70,42 @@ def test_clips_are_deterministic_and_prompts_use_the_tokenizer_words():
     assert set(data.heldout_seeds(20)).isdisjoint(range(data.HELDOUT_SEED0))
 
 
+@pytest.mark.parametrize("frames,width,height", [(9, 64, 64), (13, 48, 64), (21, 96, 64), (17, 64, 48)])
+def test_varied_scenes_are_deterministic_and_use_the_tokenizer_words(frames, width, height):
+    words = set(tiny._WORDS)
+    counts = set()
+    for s in range(30):
+        a, b = data.make_scene(s, frames, width, height), data.make_scene(s, frames, width, height)
+        assert np.array_equal(a.frames, b.frames) and a.prompt == b.prompt
+        assert a.frames.shape == (frames, height, width, 3) and set(a.prompt.split()) <= words
+        assert a.prompt.count(" a ") == a.objects - 1  # one clause per object
+        counts.add(a.objects)
+        # the first object moves at least MIN_TRAVEL (in units of the 64-px design)
+        assert np.hypot(*(a.centers[-1] - a.centers[0])) >= data.MIN_TRAVEL * max(width, height) / 64 - 1e-9
+    assert counts == {1, 2, 3}
+
+
+def test_object_checks_catch_a_cross_fade_a_smear_and_a_colour_change():
+    """The held-out checks must fail on what the issue saw: a cross-fade (first and last frame blended),
+    an object smeared over its path, and an object whose colour changes; the truth passes them all."""
+    clip = data.make_clip(data.heldout_seeds(1)[0], shapes=evaluate.SIMPLE)
+    truth = evaluate.score(clip.frames, clip)
+    assert truth.crossfaded == 0 and truth.color_error < 1 and truth.relative_centroid_error == 0
+    f = clip.frames.astype(np.float64)
+    w = np.linspace(0, 1, len(f))[:, None, None, None]
+    fade = np.rint((1 - w) * f[:1] + w * f[-1:]).astype(np.uint8)
+    fade[0], fade[-1] = clip.frames[0], clip.frames[-1]
+    assert evaluate.score(fade, clip).crossfaded >= 5
+    smear = clip.frames.copy()
+    for i in range(1, len(f) - 1):  # every middle frame shows the object at all its positions at once
+        smear[i] = clip.frames.min(0) if clip.color.sum() < clip.background.sum(-1).mean() else clip.frames.max(0)
+    assert evaluate.score(smear, clip).crossfaded == len(f) - 2
+    recolour = clip.frames.copy()
+    m = data.object_mask(clip.frames, clip.background)
+    recolour[8][m[8]] = 255 - recolour[8][m[8]]
+    assert evaluate.score(recolour, clip).color_error > 40
+
+
 def test_compact_training_forward_equals_the_model_forward(pipe):
     from wanrt.models.config import FLF2V_NEG_PROMPT
     from wanrt.models.dit import WanDiT

@@ -35,6 +35,8 @@ class Clip:
     prompt: str
     shape: str
     curved: bool
+    color: np.ndarray | None = None  # (3,) float: the (first) object's colour as rendered
+    objects: int = 1
 
 
 def _coverage_ellipse(px, py, cx, cy, a, b):
@@ -155,12 +157,13 @@ def _pick_background(rng: np.random.Generator, color) -> tuple[np.ndarray, np.nd
             return c0, c1, angle
 
 
-def make_clip(seed: int, frames: int = FRAMES, width: int = SIZE, height: int = SIZE) -> Clip:
+def make_clip(seed: int, frames: int = FRAMES, width: int = SIZE, height: int = SIZE,
+              shapes: tuple[str, ...] = SHAPES) -> Clip:
     """One clip, fully determined by (seed, frames, width, height); the geometry depends on the seed only
     through fractions of the frame, so the same seed at 17 and 9 frames is the same motion."""
     rng = np.random.default_rng(seed)
     u = max(width, height) / SIZE  # pixels per unit of the 64-px design
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    shape = shapes[rng.integers(len(shapes))]
     color_word = list(COLORS)[rng.integers(len(COLORS))]
     color = np.clip(np.asarray(COLORS[color_word], np.float64) + rng.normal(0, 8, 3), 0, 255)
     large = rng.random() < 0.5
@@ -170,8 +173,8 @@ def make_clip(seed: int, frames: int = FRAMES, width: int = SIZE, height: int = 
     # the endpoints then keep `hop` pixels of room above them so the peak stays inside the frame.
     hop = rng.uniform(8.0, 15.0) * u if rng.random() < 0.4 else 0.0
     hop = min(hop, height - 2 * margin - 6 * u)  # short frames (64x48) may have no room for a hop
-    if hop < 6 * u:
-        hop = 0.0
+    if hop < 6 * u or width - 2 * margin < max(MIN_TRAVEL * u, 1.5 * hop) + 2 * u:
+        hop = 0.0  # (the second test: narrow frames (48x64) may have no room for the hop's horizontal move)
     lo, hi = np.array([margin, margin + hop]), np.array([width - margin, height - margin])
     while True:
         p0, p1 = rng.uniform(lo, hi), rng.uniform(lo, hi)
@@ -185,7 +188,88 @@ def make_clip(seed: int, frames: int = FRAMES, width: int = SIZE, height: int = 
     video = render(bg, shape, centers, size, facing, color)
     prompt = make_prompt(shape, color_word, "large" if large else "small", hop > 0, d[0], d[1])
     bg8 = np.clip(np.rint(bg), 0, 255).astype(np.uint8)
-    return Clip(frames=video, background=bg8, centers=centers, prompt=prompt, shape=shape, curved=hop > 0)
+    return Clip(frames=video, background=bg8, centers=centers, prompt=prompt, shape=shape, curved=hop > 0,
+                color=color)
+
+
+def _contrast_color(rng: np.random.Generator, c0, c1) -> tuple[str | None, np.ndarray]:
+    """A named colour (half the time) or any RGB colour, far enough from both background end colours."""
+    while True:
+        if rng.random() < 0.5:
+            word = list(COLORS)[rng.integers(len(COLORS))]
+            color = np.clip(np.asarray(COLORS[word], np.float64) + rng.normal(0, 8, 3), 0, 255)
+        else:
+            word, color = None, rng.uniform(0, 255, 3)
+        if min(np.linalg.norm(np.asarray(c0) - color), np.linalg.norm(np.asarray(c1) - color)) >= MIN_CONTRAST:
+            return word, color
+
+
+def make_scene(seed: int, frames: int = FRAMES, width: int = SIZE, height: int = SIZE) -> Clip:
+    """The varied training distribution of the second training run: 1-3 objects of any colour (named
+    colours get their word in the prompt, others none), sizes 3.5-9 units, travel from none (a second or
+    third object may stand still) to across the frame, straight or hopping. `Clip.centers`, `shape` and
+    `color` describe the first object, which always moves."""
+    rng = np.random.default_rng([seed, 1])
+    u = max(width, height) / SIZE
+    c0, c1 = rng.uniform(40, 235, 3), rng.uniform(40, 235, 3)
+    angle = np.pi / 2 + rng.normal(0, 0.3) if rng.random() < 0.6 else rng.uniform(0, 2 * np.pi)
+    bg = gradient(width, height, c0, c1, angle)
+    n = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
+    objects, clauses = [], []
+    for i in range(n):
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        word, color = _contrast_color(rng, c0, c1)
+        size = rng.uniform(3.5, 9.0) * u
+        margin = size * (1.9 if shape == "bird" else 1.2) + 2 * u
+        if 2 * margin + MIN_TRAVEL * u > min(width, height):  # too big for this frame: the smaller range
+            size = rng.uniform(3.5, 5.5) * u
+            margin = size * (1.9 if shape == "bird" else 1.2) + 2 * u
+        moving = i == 0 or rng.random() < 0.7
+        hop = rng.uniform(6.0, 13.0) * u if moving and rng.random() < 0.3 else 0.0
+        hop = min(hop, height - 2 * margin - 6 * u)
+        if hop < 6 * u:
+            hop = 0.0
+        for _ in range(1000):  # a hop needs a mostly horizontal move; without one, any long enough move
+            lo, hi = np.array([margin, margin + hop]), np.array([width - margin, height - margin])
+            p0 = rng.uniform(lo, hi)
+            p1 = rng.uniform(lo, hi) if moving else p0
+            d = p1 - p0
+            if not moving or (np.hypot(*d) >= MIN_TRAVEL * u
+                              and (hop == 0 or abs(d[0]) >= max(MIN_TRAVEL * u, 1.5 * hop))):
+                break
+            hop = 0.0 if rng.random() < 0.1 else hop
+        else:
+            raise AssertionError(f"scene {seed}: no path found")  # cannot happen for the sizes used
+        centers = path(p0, p1, hop, frames)
+        facing = 1.0 if d[0] >= 0 else -1.0
+        objects.append((shape, centers, size, facing, color))
+        size_word = "large" if size >= 6.5 * u else "small"
+        clause = f"a {size_word} {word + ' ' if word else ''}{shape}"
+        if moving:
+            verb = "jumps" if hop > 0 else ("flies" if shape == "bird" else "moves")
+            clause += f" {verb} {direction_words(d[0], d[1])}"
+        clauses.append(clause)
+    h, w = bg.shape[:2]
+    py, px = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    video = []
+    for f in range(frames):
+        img = bg.copy()
+        for shape, centers, size, facing, color in objects:
+            # only the object's box: every layer lies within 2.5 sizes of its centre (the bird's beak: 1.4)
+            r = 2.5 * size + 2
+            x0, x1 = max(0, int(centers[f, 0] - r)), min(w, int(centers[f, 0] + r) + 1)
+            y0, y1 = max(0, int(centers[f, 1] - r)), min(h, int(centers[f, 1] + r) + 1)
+            box = img[y0:y1, x0:x1]
+            for cov, rgb in object_layers(shape, px[y0:y1, x0:x1], py[y0:y1, x0:x1], centers[f, 0], centers[f, 1],
+                                          size, facing, color):
+                box = box * (1 - cov[..., None]) + rgb * cov[..., None]
+            img[y0:y1, x0:x1] = box
+        video.append(img)
+    video = np.clip(np.rint(np.stack(video)), 0, 255).astype(np.uint8)
+    bg8 = np.clip(np.rint(bg), 0, 255).astype(np.uint8)
+    first = objects[0]
+    return Clip(frames=video, background=bg8, centers=first[1], prompt=" and ".join(clauses), shape=first[0],
+                curved=False, color=first[4], objects=n)
 
 
 def object_mask(frames: np.ndarray, background: np.ndarray, threshold: int = MASK_THRESHOLD) -> np.ndarray:

@@ -2,8 +2,12 @@
 
 Per clip: PSNR of the given frames (first, last) and of the generated middle frames, and the centroid
 path error: the object's centroid in every middle frame (mask = pixels far from the clip's known
-background) against the ground truth's, in pixels. A static baseline (the first frame repeated) says
-what "no motion" scores, so a model that merely copies its inputs cannot pass.
+background) against the ground truth's, in pixels and as a fraction of the start-end distance. A static
+baseline (the first frame repeated) says what "no motion" scores, so a model that merely copies its
+inputs cannot pass. Per middle frame also: is there one compact object (a cross-fade shows two faint
+ones, a smear one too large; `crossfaded` counts the frames that fail), and is its colour the input's
+(`color_error`: the largest channel difference, 0-255, between the mean colour of the object's inner
+pixels and that of the given first frame's object, worst middle frame).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ class ClipScore:
     static_psnr_middle: float
     static_centroid_error: float
     missing: int  # middle frames where the generated object was not found (scored as half the diagonal)
+    travel: float = float("nan")  # start-end distance of the true path, pixels
+    relative_centroid_error: float = float("nan")  # centroid_error / travel
+    crossfaded: int = 0  # middle frames without exactly one compact object of the right size
+    color_error: float = float("nan")  # worst middle frame, 0-255 (see the module docstring)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +52,61 @@ def centroid_error(frames: np.ndarray, clip: data.Clip) -> tuple[float, int]:
     return float(d.mean()), int(missing.sum())
 
 
+def components(mask: np.ndarray) -> list[int]:
+    """Sizes of the 8-connected components of a 2D bool mask, largest first."""
+    seen = np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    sizes = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, n = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            n += 1
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                        seen[yy, xx] = True
+                        stack.append((yy, xx))
+        sizes.append(n)
+    return sorted(sizes, reverse=True)
+
+
+def _inner(mask: np.ndarray) -> np.ndarray:
+    """The mask eroded by one pixel (4-neighbourhood): the object without its anti-aliased rim."""
+    m = np.pad(mask, 1)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+def _mean_color(frame: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    inner = _inner(mask)
+    return frame[inner].astype(np.float64).mean(0) if inner.any() else None
+
+
+def object_checks(frames: np.ndarray, clip: data.Clip, single: float = 0.9, area: tuple[float, float] = (0.5, 2.0)
+                  ) -> tuple[int, float]:
+    """(middle frames that are not one compact object, worst colour error) of a single-object clip.
+
+    A frame passes when its largest component holds >= `single` of the object pixels and its size is within
+    `area` times the true object's in that frame. A cross-fade shows the object twice at partial strength
+    (two components, or one too small with the wrong colour), a smear shows one too large."""
+    truth = data.object_mask(clip.frames, clip.background)
+    got = data.object_mask(frames, clip.background)
+    ref = _mean_color(clip.frames[0], truth[0])  # what the user gave
+    bad, worst = 0, 0.0
+    for i in range(1, len(frames) - 1):
+        sizes = components(got[i])
+        true_area = int(truth[i].sum())
+        ok = bool(sizes) and sizes[0] >= single * sum(sizes) and area[0] <= sizes[0] / true_area <= area[1]
+        bad += not ok
+        color = _mean_color(frames[i], got[i])
+        worst = max(worst, 255.0 if color is None else float(np.abs(color - ref).max()))
+    return bad, worst
+
+
 def score(frames: np.ndarray, clip: data.Clip, seed: int = -1) -> ClipScore:
     """frames (F, H, W, 3) uint8 generated from clip's first and last frame."""
     if frames.shape != clip.frames.shape:
@@ -51,12 +114,15 @@ def score(frames: np.ndarray, clip: data.Clip, seed: int = -1) -> ClipScore:
     gt = clip.frames
     static = np.repeat(gt[:1], len(gt), axis=0)
     err, missing = centroid_error(frames, clip)
+    travel = float(np.hypot(*(clip.centers[-1] - clip.centers[0])))
+    crossfaded, color_error = object_checks(frames, clip) if clip.objects == 1 else (0, float("nan"))
     return ClipScore(
         seed=seed, prompt=clip.prompt,
         psnr_first=psnr(frames[0], gt[0]), psnr_last=psnr(frames[-1], gt[-1]),
         psnr_middle=psnr(frames[1:-1], gt[1:-1]), centroid_error=err,
         static_psnr_middle=psnr(static[1:-1], gt[1:-1]), static_centroid_error=centroid_error(static, clip)[0],
-        missing=missing)
+        missing=missing, travel=travel, relative_centroid_error=err / travel, crossfaded=crossfaded,
+        color_error=color_error)
 
 
 def summarize(scores: list[ClipScore]) -> dict[str, float]:
@@ -66,6 +132,9 @@ def summarize(scores: list[ClipScore]) -> dict[str, float]:
     out["min_psnr_first"] = float(min(s.psnr_first for s in scores))
     out["min_psnr_last"] = float(min(s.psnr_last for s in scores))
     out["missing"] = int(sum(s.missing for s in scores))
+    out["crossfaded"] = int(sum(s.crossfaded for s in scores))
+    out["max_color_error"] = float(max(s.color_error for s in scores))
+    out["max_relative_centroid_error"] = float(max(s.relative_centroid_error for s in scores))
     out["clips"] = len(scores)
     return out
 
@@ -79,11 +148,16 @@ def generate(pipe, clip: data.Clip, steps: int, guide_scale: float = 5.0, shift:
     return video.frames
 
 
+# The issue-18 targets' held-out clips: one disk or square on a gradient.
+SIMPLE = ("disk", "square")
+
+
 def evaluate(pipe, seeds: list[int], steps: int, frames: int = data.FRAMES, width: int = data.SIZE,
-             height: int = data.SIZE, **kwargs) -> tuple[dict[str, float], list[ClipScore]]:
+             height: int = data.SIZE, shapes: tuple[str, ...] = data.SHAPES, **kwargs
+             ) -> tuple[dict[str, float], list[ClipScore]]:
     scores = []
     for s in seeds:
-        clip = data.make_clip(s, frames, width, height)
+        clip = data.make_clip(s, frames, width, height, shapes=shapes)
         scores.append(score(generate(pipe, clip, steps, **kwargs), clip, s))
     return summarize(scores), scores
 

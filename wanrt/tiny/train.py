@@ -39,11 +39,21 @@ from . import data
 
 # The compact text context the training forward uses (see `compact_context`); every training prompt
 # and the negative prompt tokenise to far fewer tokens than this (checked when the data is built).
-COMPACT_TEXT_LEN = 48
+COMPACT_TEXT_LEN = 96  # the varied clips' prompts name up to three objects (measured max: 92 tokens)
 
 # (frames, width, height, share of DiT batches). 17 x 64x64 is the main task; 9 frames and 64x48
 # (the 4:3 shape of the built-in demo frames) are there so the README/demo commands are in-distribution.
 GROUPS = ((17, 64, 64, 0.55), (17, 64, 48, 0.15), (9, 64, 64, 0.15), (9, 64, 48, 0.15))
+
+# The second training run (stage `varied`): every size and length the model is asked for (the 4:3, 3:4 and
+# 3:2 frames and 9-21 frames), half of the clips the first run's kind, half varied scenes (data.make_scene).
+_SIZES = ((64, 64, 0.4), (64, 48, 0.2), (48, 64, 0.15), (96, 64, 0.25))
+_LENGTHS = ((17, 0.4), (9, 0.2), (13, 0.2), (21, 0.2))
+VARIED_GROUPS = tuple((f, w, h, round(a * b, 4)) for w, h, a in _SIZES for f, b in _LENGTHS)
+
+
+def varied_clip(seed: int, frames: int, width: int, height: int) -> data.Clip:
+    return data.make_scene(seed, frames, width, height) if seed % 2 else data.make_clip(seed, frames, width, height)
 
 
 def trained_config() -> WanConfig:
@@ -228,13 +238,13 @@ def latent_object_mask(clip: data.Clip, stride: int = 8) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_group(pipe, seeds, frames: int, width: int, height: int, prompt_index: dict[str, int],
-                 batch: int = 16) -> LatentSet:
+                 batch: int = 16, make=data.make_clip) -> LatentSet:
     """Pre-encode clips exactly as FLF2VPipeline.generate builds its inputs (same helpers)."""
     x0s, ys, clips, prompts, objects = [], [], [], [], []
     lat_h, lat_w = height // 8, width // 8
     mask = flf2v_mask(frames, lat_h, lat_w)[None]
     for lo in range(0, len(seeds), batch):
-        cs = [data.make_clip(s, frames, width, height) for s in seeds[lo:lo + batch]]
+        cs = [make(s, frames, width, height) for s in seeds[lo:lo + batch]]
         video = frames_to_tensor(np.stack([c.frames for c in cs]))
         x0s.append(pipe.vae_encode(video))
         cond = torch.cat([conditioning_video(v[:, 0], v[:, -1], frames, height, width) for v in video])
@@ -245,8 +255,8 @@ def encode_group(pipe, seeds, frames: int, width: int, height: int, prompt_index
     return LatentSet(torch.cat(x0s), torch.cat(ys), torch.cat(clips), torch.tensor(prompts), torch.stack(objects))
 
 
-def group_prompts(seeds, frames: int, width: int, height: int) -> list[str]:
-    return [data.make_clip(s, frames, width, height).prompt for s in seeds]
+def group_prompts(seeds, frames: int, width: int, height: int, make=data.make_clip) -> list[str]:
+    return [make(s, frames, width, height).prompt for s in seeds]
 
 
 @torch.no_grad()
