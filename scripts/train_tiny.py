@@ -337,7 +337,7 @@ def main() -> None:
     p.add_argument("--dit_batch", type=int, default=32)
     p.add_argument("--dit_lr", type=float, default=3e-3)
     p.add_argument("--varied_clips", type=int, default=3200, help="clips of the second run over all its groups")
-    p.add_argument("--varied_steps", type=int, default=3000, help="second-run DiT steps (0: ship the first run)")
+    p.add_argument("--varied_steps", type=int, default=8000, help="second-run DiT steps (0: ship the first run)")
     p.add_argument("--varied_lr", type=float, default=1e-3)
     p.add_argument("--varied_given_weight", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.998)

@@ -153,7 +153,7 @@ TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
     # BEGIN tiny teacache (written by scripts/fit_teacache.py; do not edit by hand)
     # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0019
     (128, 4, 384): TeaCacheConfig(
-        coefficients=(9.31095718e+00, -2.91002070e+00, -1.66262749e-02, 2.34556900e-01, -8.71930818e-04),
+        coefficients=(2.89774470e+00, -1.11833429e+00, 1.09587188e-01, 1.80230366e-01, -7.23693833e-05),
         indicator="e", first_steps=1, last_steps=1, threshold=0.02,
         source="scripts/fit_teacache.py"),
     # END tiny teacache

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from wanrt.metrics import psnr
 
@@ -159,6 +160,35 @@ def evaluate(pipe, seeds: list[int], steps: int, frames: int = data.FRAMES, widt
     for s in seeds:
         clip = data.make_clip(s, frames, width, height, shapes=shapes)
         scores.append(score(generate(pipe, clip, steps, **kwargs), clip, s))
+    return summarize(scores), scores
+
+
+def meets_targets(s: ClipScore) -> bool:
+    """The issue-18 targets for one held-out clip (scripts/eval_tiny.py --targets)."""
+    return (s.psnr_first >= 25 and s.psnr_last >= 25 and s.crossfaded == 0 and s.color_error <= 40
+            and s.relative_centroid_error <= 0.2)
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, frames: np.ndarray) -> np.ndarray:
+    """The clip through the pipeline's VAE encode and decode and its uint8 conversion (the VAE's own
+    reconstruction limit: what any DiT output would be at best)."""
+    from wanrt.video import to_uint8_frames
+
+    from .train import frames_to_tensor
+
+    return to_uint8_frames(pipe.vae_decode(pipe.vae_encode(frames_to_tensor(frames[None])))[0])
+
+
+def targets(pipe, seeds: list[int], width: int, height: int, steps: int = 20, vae_only: bool = False,
+            **kwargs) -> tuple[dict[str, float], list[ClipScore]]:
+    """Held-out single disks/squares, 17 frames, generated (or, vae_only, the true clip through the VAE)."""
+    if not vae_only:
+        return evaluate(pipe, seeds, steps, width=width, height=height, shapes=SIMPLE, **kwargs)
+    scores = []
+    for s in seeds:
+        clip = data.make_clip(s, data.FRAMES, width, height, shapes=SIMPLE)
+        scores.append(score(vae_round_trip(pipe, clip.frames), clip, s))
     return summarize(scores), scores
 
 
