@@ -102,6 +102,14 @@ class _LinearMultistepScheduler:
     def _build_table(self, sig: np.ndarray, lam: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    @staticmethod
+    def _predictor_table(sig: np.ndarray) -> np.ndarray:
+        """The start of a table for a solver without a corrector: each step's sigma, C_* the identity."""
+        t = np.zeros((len(sig) - 1, NUM_COLUMNS))
+        t[:, SIGMA] = sig[:-1]
+        t[:, C_X] = 1.0
+        return t
+
     def init_state(self, sample: torch.Tensor) -> SchedulerState:
         """Allocate the per-run state for samples like ``sample`` (do this once, before graph capture)."""
         if self.num_inference_steps is None:
@@ -217,9 +225,7 @@ class FlowDPMSolverScheduler(_LinearMultistepScheduler):
 
     def _build_table(self, sig: np.ndarray, lam: np.ndarray) -> np.ndarray:
         n = len(sig) - 1
-        t = np.zeros((n, NUM_COLUMNS))
-        t[:, SIGMA] = sig[:-1]
-        t[:, C_X] = 1.0
+        t = self._predictor_table(sig)
         for k in range(n):
             h = lam[k + 1] - lam[k]
             a, em1 = 1.0 - sig[k + 1], np.exp(-h) - 1.0
@@ -243,10 +249,7 @@ class FlowEulerScheduler(_LinearMultistepScheduler):
     sigma_max = 1.0
 
     def _build_table(self, sig: np.ndarray, lam: np.ndarray) -> np.ndarray:
-        n = len(sig) - 1
-        t = np.zeros((n, NUM_COLUMNS))
-        t[:, SIGMA] = sig[:-1]
-        t[:, C_X] = 1.0
+        t = self._predictor_table(sig)
         t[:, P_X] = sig[1:] / sig[:-1]
         t[:, P_M] = 1.0 - t[:, P_X]
         return t
