@@ -246,7 +246,7 @@ class FLF2VPipeline:
                         size: tuple[int, int] | None = None, frame_num: int | None = None,
                         memory: str = "resident", cuda_graphs: bool = True,
                         overrides: dict[str, str] | None = None, precision: str | None = None,
-                        fp8_keep: int = 0, lora=None, **load_options) -> FLF2VPipeline:
+                        fp8_keep: int = 0, lora=None, fuse: bool = True, **load_options) -> FLF2VPipeline:
         """path: official or diffusers folder, or `tiny`. dtype None: the official precision map
         (bf16 matmuls, fp32 islands) on CUDA, fp32 on the CPU. attention: 'sdpa' | 'flash' | 'sage'
         (Triton); kernels: 'torch' | 'triton' for the fused norm/RoPE kernels.
@@ -261,6 +261,8 @@ class FLF2VPipeline:
         except the first and last `fp8_keep` blocks; engines carry the precision they were built with.
         lora: [(file, scale), ...] merged into an eager DiT at load (models/lora.py); with a compiled DiT,
         the LoRAs its engine was built with must be exactly these (None: take the engine as built).
+        fuse: an eager DiT's q/k/v and cross-attention k/v as one GEMM each, after the LoRA merge and FP8
+        quantisation (wanrt.kernels.fusion: the same output, one read of each input; False to compare).
         The backends come from the one assembler, wanrt.runtime.load_backends (`load_options` go to it)."""
         from wanrt.runtime.backends import BackendChoiceError, load_backends
 
@@ -273,6 +275,7 @@ class FLF2VPipeline:
                                  "built with (wanrt build --precision fp8)")
             dtype = dtype or torch.bfloat16  # the bf16 map around the FP8 GEMMs, on the CPU too
             load_options |= {"precision": precision, "fp8_keep": fp8_keep}
+        load_options["fuse"] = fuse
         try:
             got = load_backends(path, device, backend=backend, overrides=overrides, engine_dir=engine_dir,
                                 size=size, frame_num=frame_num, dtype=dtype, memory=memory, lora=lora,

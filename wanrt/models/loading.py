@@ -102,14 +102,17 @@ class Checkpoint:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          components: Iterable[str] = COMPONENTS, precision: str | None = None, fp8_keep: int = 0,
-         lora: Iterable | None = None) -> WanModels:
+         lora: Iterable | None = None, fuse: bool = False) -> WanModels:
     """Load the models. dtype None: everything fp32. dtype bf16/fp16: the official precision map
     (DiT matmuls in dtype with fp32 islands, T5 in dtype, CLIP in fp16, VAE fp32).
     precision 'fp8': that map (dtype bf16 unless given), then the DiT block linears quantised once to
     e4m3 (wanrt.kernels.fp8.quantize_blocks), all but the first and last `fp8_keep` blocks.
 
     lora: [(file, scale), ...] merged into the DiT in fp32 as its weights are read, before any cast or
-    FP8 quantisation (see models/lora.py); every LoRA is checked against the model before a weight is loaded."""
+    FP8 quantisation (see models/lora.py); every LoRA is checked against the model before a weight is loaded.
+
+    fuse: the DiT's q/k/v, and the cross-attention's k/v pairs, as one GEMM each (wanrt.kernels.fusion), after
+    the LoRA merge and FP8 quantisation, so both still see the official names; the output is unchanged."""
     components = tuple(components)
     if precision not in (None, "fp8"):
         raise ValueError(f"precision must be None (dtype decides) or 'fp8', got {precision!r}")
@@ -151,6 +154,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             from wanrt.kernels.fp8 import quantize_blocks
 
             quantize_blocks(models.dit.blocks, keep=fp8_keep)
+        if fuse:
+            from wanrt.kernels.fusion import fuse_projections
+
+            fuse_projections(models.dit)
     if models.vae is not None:
         load_module(models.vae, ckpt.weights("vae"), torch.float32, device)
         models.vae.reset_buffers()
