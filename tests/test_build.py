@@ -59,6 +59,75 @@ def test_manifest_records_the_builds(aoti_dir, tmp_path):
     assert len(lines) == n_graphs + 1 and all(line.endswith("up to date") for line in lines)  # + the dit_time table
 
 
+def _package_bytes(path) -> int:
+    import zipfile
+
+    return sum(i.file_size for i in zipfile.ZipFile(path).infolist())
+
+
+def test_packages_hold_code_and_read_weights_at_load(tmp_path):
+    """A package built from a checkpoint holds no constants (Inductor's package_constants_in_so off): it is
+    smaller than the embedded build by about the weights' bytes, runs only with the weights handed to it at load
+    (by name, read in place: a changed weight changes the output), and refuses weights that lack a constant."""
+    from wanrt.engine.aoti import AOTIGraph, compile_package
+    from wanrt.export.specs import GraphSpec, TensorSpec
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64)).eval()
+    spec = GraphSpec("toy", (TensorSpec("x", "float32", (4, 256)),), (TensorSpec("y", "float32", (4, 64)),))
+    compile_package(net, spec, tmp_path / "embedded.pt2", torch.device("cpu"))
+    compile_package(net, spec, tmp_path / "code.pt2", torch.device("cpu"), embed_weights=False)
+    weight_bytes = sum(p.numel() * 4 for p in net.parameters())  # 656 KB
+    saved = _package_bytes(tmp_path / "embedded.pt2") - _package_bytes(tmp_path / "code.pt2")
+    assert saved >= 0.9 * weight_bytes, (saved, weight_bytes)  # switch embed_weights off here: saved = 0
+    x = torch.randn(4, 256)
+    graph = AOTIGraph(tmp_path / "code.pt2", spec, torch.device("cpu"), weights=net)
+    torch.testing.assert_close(graph(x)[0], net(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        net[2].bias.add_(1.0)  # the runner reads the module's tensors in place: no copy of 33 GB at load
+    torch.testing.assert_close(graph(x)[0], net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(EngineError, match="lack 2 of the package's constants"):
+        AOTIGraph(tmp_path / "code.pt2", spec, torch.device("cpu"), weights=net[:2])
+
+
+def test_engine_dir_packages_take_their_weights_and_loras_at_load(aoti_dir, tiny_official, tmp_path):
+    """The engine dir's packages are code only (manifest: weights "checkpoint"); a LoRA given at load is merged
+    as the checkpoint is read (the video follows the eager DiT with that LoRA, not the plain one); the build
+    refuses --lora, and a checkpoint that changed since the build is refused at load."""
+    from safetensors.torch import save_file
+
+    from tests.test_lora import _lora
+    from wanrt.metrics import psnr
+    from wanrt.samples import sample_frames
+
+    m = Manifest.load(aoti_dir)
+    assert {e["weights"] for e in m.data["engines"].values()} == {"checkpoint"}
+    lora = tmp_path / "style.safetensors"
+    save_file(_lora("official"), str(lora))
+    a, b = sample_frames()
+    kw = dict(sample_steps=3, seed=2, progress=False)
+    eager = FLF2VPipeline.from_pretrained(tiny_official, lora=[(lora, 1.0)])(a, b, "a bird", max_area=64 * 48,
+                                                                             frame_num=9, **kw)
+    plain = FLF2VPipeline.from_pretrained(tiny_official)(a, b, "a bird", max_area=64 * 48, frame_num=9, **kw)
+    pipe = FLF2VPipeline.from_pretrained(tiny_official, backend="aoti", engine_dir=aoti_dir, device="cpu",
+                                         lora=[(lora, 1.0)])
+    video = pipe(a, b, "a bird", **kw)
+    # as test_aoti_video_matches_eager: >= 75 dB against the eager run with the same LoRA (measured 90.3 dB);
+    # the LoRA's own effect is far larger (measured 19.5 dB between the plain and the LoRA video)
+    assert psnr(video.frames, eager.frames) >= 75.0
+    assert psnr(plain.frames, eager.frames) < 50.0
+    with pytest.raises(ValueError, match="pass the LoRAs when loading them"):
+        build(tiny_official, tmp_path / "x", TARGET, backend="aoti", precision="fp32", device="cpu",
+              lora=[(lora, 1.0)], log=lambda s: None)
+    copy = shutil.copytree(aoti_dir, tmp_path / "eng")
+    moved = Manifest.load(copy)
+    moved.data["checkpoint"]["fingerprint"] = "0" * 16  # what a re-downloaded or edited checkpoint looks like
+    moved.save()
+    with pytest.raises(EngineError, match="changed since the aoti packages were built") as err:
+        FLF2VPipeline.from_pretrained(backend="aoti", engine_dir=copy, device="cpu")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("wanrt", "0.0.1", "built by wanrt 0.0.1"),
     ("torch", "1.0", "compiled by torch 1.0"),
@@ -97,7 +166,8 @@ def test_interrupted_build_leaves_no_half_written_engine(tiny_official, tmp_path
     parts = tuple(next(c for c, graphs in GRAPHS.items() if g in graphs) for g in ("clip", "dit"))
     written = []
 
-    def fake_compile(program, package_path):  # the real one takes ~1 minute per graph; it writes like this
+    # the real one takes ~1 minute per graph; it writes like this
+    def fake_compile(program, package_path, inductor_configs=None):
         written.append(package_path)
         with open(package_path, "wb") as f:
             f.write(b"a whole package")
@@ -116,7 +186,7 @@ def test_interrupted_build_leaves_no_half_written_engine(tiny_official, tmp_path
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left
     lines = []
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
-                        lambda program, package_path: Path(package_path).write_bytes(b"dit"))
+                        lambda program, package_path, inductor_configs=None: Path(package_path).write_bytes(b"dit"))
     build(tiny_official, tmp_path, TARGET, backend="aoti", precision="fp32", device="cpu",
           components=parts, log=lines.append)
     assert lines[0] == f"{engine_key('aoti', 'clip', TARGET)}: up to date"

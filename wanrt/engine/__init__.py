@@ -45,6 +45,9 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
     components = check_components(components)
     if models is not None and lora:
         raise ValueError("LoRAs merge at checkpoint load; pass them to models.loading.load for in-memory models")
+    if backend == "aoti" and lora:
+        raise ValueError("aoti packages built from a checkpoint hold no weights; pass the LoRAs when loading them "
+                         "(wanrt generate --backend aoti --lora ...), not to the build")
     if backend == "tensorrt":
         from .tensorrt import require
 
@@ -58,7 +61,8 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
 # --lora ...` on the same engine dir does exactly this, and the pipeline refuses a DiT built with other LoRAs.
 LORA_SWAP = {
     "onnxruntime": "re-export of the DiT graph's weights (the other graphs stay); no build step exists",
-    "aoti": "recompile of the DiT package: AOTInductor bakes the weights into the .pt2 as constants",
+    "aoti": "nothing for packages built from a checkpoint (they hold no weights: the LoRAs given at load are merged "
+            "as the checkpoint is read); a recompile of the DiT package built from in-memory weights",
     "tensorrt": "with --strip_weights (bf16/fp32): re-export of the DiT ONNX weights, and the weight-stripped plan "
                 "is refitted from them at load (no TensorRT build while the graph proto is unchanged, i.e. weights "
                 "stored as external data: every full-size model); otherwise (and for fp8, recalibrated): a rebuild "
@@ -83,6 +87,9 @@ def check_lora(m, backend: str, target: Target, lora) -> None:
     from wanrt.engine.manifest import EngineError
     from wanrt.models.lora import identities
 
+    e = m.entry("engines", engine_key(backend, "dit", target))
+    if backend == "aoti" and e is not None and e.get("weights") == "checkpoint":
+        return  # a package without weights: the LoRAs are merged as the checkpoint is read at load
     want = identities(lora)
     have = built_lora(m, backend, target)
     if have is None:
@@ -99,7 +106,7 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
                 lora=None):
     from wanrt.export import _copy_tokenizer
     from wanrt.export.graphs import graph_module
-    from wanrt.models.loading import Checkpoint, load
+    from wanrt.models.loading import Checkpoint
     from wanrt.models.lora import identities
 
     from .aoti import compile_package
@@ -130,13 +137,16 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     elif models.text_encoder is not None and models.text_encoder.tokenizer is not None:
         models.text_encoder.tokenizer.save_pretrained(str(out / "tokenizer"))
     manifest.save()
-    facts = {"device": dev.type, "torch": torch.__version__, "attention": attention,
+    # weights "checkpoint": packages of code only, their constants read from the checkpoint at load (with
+    # any LoRA merged then); "embedded": in-memory models, which nothing could read back later
+    weights = "checkpoint" if ckpt is not None else "embedded"
+    facts = {"device": dev.type, "torch": torch.__version__, "attention": attention, "weights": weights,
              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
     todo = []
     for c in components:
         for g in GRAPHS[c]:
             key = engine_key("aoti", g, target)
-            extra = {"lora": lora_ids} if g == "dit" else {}
+            extra = {"lora": lora_ids} if g == "dit" and weights == "embedded" else {}
             if not force and manifest.is_current("engines", key, spec=specs[g].to_dict(), **facts, **extra):
                 log(f"{key}: up to date")
             else:
@@ -151,9 +161,7 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     if models is None:
         # fp8: the bf16 map with the DiT block GEMMs in FP8 (wanrt.kernels.fp8), compiled as they run eagerly
         parts = sorted({TABLE[c].weights for c, _ in todo})
-        models = load(ckpt_dir, device=dev, dtype=None if precision == "fp32" else torch.bfloat16,
-                      components=parts, precision="fp8" if precision == "fp8" else None,
-                      lora=lora if "dit" in parts else None)
+        models = load_for_aoti(ckpt_dir, precision, parts, dev)  # no LoRA: the package holds no weights
     missing = sorted({TABLE[c].weights for c, _ in todo if getattr(models, TABLE[c].weights) is None})
     if missing:
         raise ValueError(f"the in-memory models lack {missing} needed for {[g for _, g in todo]}")
@@ -165,13 +173,23 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
         log(f"{key}: compiling with AOTInductor for {dev.type}")
         t0 = time.perf_counter()
         compile_package(graph_module(graph, models, target), specs[graph], path, dev, attention,
-                        exact_casts=precision == "fp8")
+                        exact_casts=precision == "fp8", embed_weights=weights == "embedded")
         seconds = round(time.perf_counter() - t0, 1)
-        extra = {"lora": lora_ids} if graph == "dit" else {}
+        extra = {"lora": lora_ids} if graph == "dit" and weights == "embedded" else {}
         manifest.record("engines", key, [rel], backend="aoti", component=component, graph=graph,
                         spec=specs[graph].to_dict(), build_seconds=seconds, **facts, **extra)
         log(f"{key}: {rel} ({path.stat().st_size / 1e6:.1f} MB, {seconds} s)")
     return manifest
+
+
+def load_for_aoti(ckpt_dir, precision: str, parts, device: torch.device, lora=None):
+    """The models AOTInductor packages of `precision` run with: built over them, and (packages without
+    embedded weights) their constants at load. fp8: the bf16 map with the DiT block GEMMs in FP8."""
+    from wanrt.models.loading import load
+
+    return load(ckpt_dir, device=device, dtype=None if precision == "fp32" else torch.bfloat16,
+                components=parts, precision="fp8" if precision == "fp8" else None,
+                lora=lora if "dit" in parts else None)
 
 
 def _fp8_quantized(models) -> bool:

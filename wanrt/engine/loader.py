@@ -47,20 +47,35 @@ def check_compatible(m: Manifest, backend: str, target: Target, device: torch.de
                                   f"this is a {props.name} (sm {props.major}.{props.minor}); {rebuild}")
 
 
-def load(backend: str, m: Manifest, target: Target, device: torch.device, names=GRAPHS) -> dict:
-    """{graph name: loaded graph} of the engine dir for `target`, after the compatibility checks."""
+def load(backend: str, m: Manifest, target: Target, device: torch.device, names=GRAPHS, lora=None,
+         checkpoint: str | None = None) -> dict:
+    """{graph name: loaded graph} of the engine dir for `target`, after the compatibility checks.
+
+    AOTInductor packages built without their weights get them here: the checkpoint they were built from
+    (`checkpoint`, or the manifest's path; its fingerprint must match) is loaded at the engine dir's
+    precision, with `lora` ([(file, scale), ...]) merged into the DiT, once for all such packages."""
     from .dir import EngineDir
 
     check_compatible(m, backend, target, device, names)
     layout = EngineDir(m.root, m)  # the one owner of the engine dir's paths
+    entries = {g: m.verify_files("engines", engine_key(backend, g, target)) for g in names}
+    models = None
+    if backend == "aoti":
+        external = [g for g in names if entries[g].get("weights") == "checkpoint"]
+        if external:
+            models = _checkpoint_models(m, target, device, external, lora, checkpoint)
     graphs = {}
     for graph in names:
-        entry = m.verify_files("engines", engine_key(backend, graph, target))
+        entry = entries[graph]
         spec = GraphSpec.from_dict(entry["spec"])
         if backend == "aoti":
+            from wanrt.export.graphs import graph_module
+
             from .aoti import AOTIGraph
 
-            graphs[graph] = AOTIGraph(layout.engine_path("aoti", graph, target, device.type), spec, device)
+            weights = graph_module(graph, models, target) if entry.get("weights") == "checkpoint" else None
+            graphs[graph] = AOTIGraph(layout.engine_path("aoti", graph, target, device.type), spec, device,
+                                      weights=weights)
         else:
             from .tensorrt import TRTGraph
 
@@ -68,3 +83,24 @@ def load(backend: str, m: Manifest, target: Target, device: torch.device, names=
                                      onnx_path=m.root / entry["onnx"],
                                      stripped=entry["settings"]["strip_weights"])
     return graphs
+
+
+def _checkpoint_models(m: Manifest, target: Target, device: torch.device, graphs, lora, checkpoint):
+    """The loaded models whose tensors are the constants of weight-less AOTInductor packages."""
+    from wanrt.export.specs import TABLE
+    from wanrt.models.loading import Checkpoint, CheckpointError
+
+    from . import load_for_aoti
+
+    path = checkpoint or m.checkpoint["path"]
+    rebuild = f"rebuild with `wanrt build --backend aoti --force --out {m.root} ...`"
+    try:
+        fingerprint = Checkpoint(path).fingerprint()
+    except CheckpointError as e:
+        raise EngineError(f"{m.root}: its aoti packages read their weights from the checkpoint they were built "
+                          f"from, and {e}; pass --ckpt_dir with that checkpoint") from None
+    if fingerprint != m.checkpoint["fingerprint"]:
+        raise EngineError(f"{m.root}: the checkpoint at {path} changed since the aoti packages were built (they "
+                          f"read its weights at load); {rebuild}")
+    parts = sorted({c.weights for c in TABLE.values() if set(c.graphs) & set(graphs)})
+    return load_for_aoti(path, m.precision, parts, device, lora=lora)

@@ -257,7 +257,7 @@ def from_engine_dir(engine_dir, backend: str, device: torch.device, width: int |
     else:
         from wanrt.engine import loader
 
-        loaded = loader.load(backend, m, target, device, graphs)
+        loaded = loader.load(backend, m, target, device, graphs, lora=lora, checkpoint=checkpoint)
     time_table = load_time_table(m) if "dit" in components else None
     return graph_backends(loaded, time_table, engine_dir), config, tokenizer, target
 
