@@ -11,9 +11,11 @@
 #      and the per-op-class profile of a 2-block full-width step (eager, fp8 + fused + sage);
 #   4. --parts gemm: the GEMMs at the real shapes (M = 151,200; bf16 vs _scaled_mm tensor-wise / row-wise,
 #      fast accumulation or not, quantisation included);
-#   5. AOTInductor vs eager (bf16 reference, eager+fp8, aoti fp8) on the small random config at the full
+#   5. regional torch.compile of the blocks (eager, fused, fused + compiled) on the small random config at the
+#      full token count;
+#   6. AOTInductor vs eager (bf16 reference, eager+fp8, aoti fp8) on the small random config at the full
 #      token count (a 40-block 14B package does not compile within this budget);
-#   6. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video.
+#   7. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video.
 # Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results/<gpu>-<date>.
 #
 # Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels]');
@@ -63,12 +65,19 @@ step gpu-attention-profile 80 $PY benchmarks/gpu_precision.py --parts attention,
 # its own process: a _scaled_mm fault (e.g. pytorch#133334, row-wise with M % 256 != 0) cannot take others down
 step gpu-gemm 50 $PY benchmarks/gpu_precision.py --parts gemm --out "$OUT"
 
+# the other exact-fusion route: Inductor fusing each block's elementwise work (regional compile), at the
+# full token count on the small random config (a 14B block compiles in about a minute: too long for this lease)
+step gpu-compiled-small-720p 70 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
+    --backends eager,eager+fused,eager+fused+compiled --what dit_step --repeat 3 --warmup 1 \
+    --json "$OUT/gpu-compiled-small-720p.json"
+
 step gpu-aoti-small-720p 150 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
     --backends eager,aoti --precision fp8 --what dit_step --repeat 2 --warmup 1 --json "$OUT/gpu-aoti-small-720p.json"
 
 step gpu-pipeline 80 $PY benchmarks/gpu_pipeline.py --json "$OUT/gpu-pipeline.json"
 
-for f in "$OUT"/dit-step.json "$OUT"/profile-2-blocks.json "$OUT"/gpu-aoti-small-720p.json; do
+for f in "$OUT"/dit-step.json "$OUT"/profile-2-blocks.json "$OUT"/gpu-compiled-small-720p.json \
+        "$OUT"/gpu-aoti-small-720p.json; do
     [ -f "$f" ] && $PY benchmarks/table.py "$f"
 done
 echo "== done in $(( $(date +%s) - START ))s"

@@ -199,7 +199,7 @@ def step_rows(cfg, models, device, size, variants, repeat: int, warmup: int, pro
     lease is short). on_row(rows, info) after each variant, so a timeout keeps the finished rows."""
     from wanrt.bench.flops import component_flops
     from wanrt.bench.hardware import describe
-    from wanrt.bench.runner import Row, _compare, make_inputs
+    from wanrt.bench.runner import Row, _compare, make_inputs, quality
 
     info = describe(device)
     inputs = make_inputs(cfg, size["width"], size["height"], size["frame_num"], seed=0)
@@ -221,10 +221,11 @@ def step_rows(cfg, models, device, size, variants, repeat: int, warmup: int, pro
             row.speedup_vs_eager = 1.0
         else:
             row.psnr, row.max_abs_err, row.rel_l2 = _compare(out, ref, "dit_step")
+            row.quality = quality(row)
             if rows and rows[0].ok:
                 row.speedup_vs_eager = round(rows[0].median_s / row.median_s, 4)
         rows.append(row)
-        print(f"{variant}: {row.median_s:.3f} s/step, rel L2 vs eager {row.rel_l2}", flush=True)
+        print(f"{variant}: {row.median_s:.3f} s/step, rel L2 vs eager {row.rel_l2}, gate {row.quality}", flush=True)
         if on_row is not None:
             on_row(rows, info)
     return rows, info

@@ -195,6 +195,23 @@ def test_bench_tiny_writes_json_and_png(tmp_path):
     assert doc["settings"]["tokens"] == 36 and doc["settings"]["interleave"] is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.failed == []
+    assert eager["quality"] is None and ort["quality"] == "pass"  # the gate: a DiT step within 2e-2 of eager
+
+
+def test_quality_gate_verdicts():
+    """QUALITY_GATE: a DiT step over 2e-2 rel. L2, a video under 30 dB or a non-finite output fails, with the
+    number in the verdict; identical output passes; ungated components get no verdict."""
+    from wanrt.bench.runner import Row, quality
+
+    def row(component, **kw):
+        return Row("eager+fp8", component, **kw)
+
+    assert quality(row("dit_step", rel_l2=0.019, psnr=40.0, max_abs_err=0.1)) == "pass"
+    assert quality(row("dit_step", rel_l2=0.031, psnr=30.0, max_abs_err=0.1)) == "fail: rel L2 0.031 > 0.02"
+    assert quality(row("dit_step", rel_l2=None, psnr=None, max_abs_err=float("nan"))) == "fail: non-finite output"
+    assert quality(row("e2e", rel_l2=0.5, psnr=29.4, max_abs_err=40.0)) == "fail: PSNR 29.4 dB < 30 dB"
+    assert quality(row("e2e", rel_l2=0.0, psnr=None, max_abs_err=0.0)) == "pass"
+    assert quality(row("vae_decode", rel_l2=0.5, psnr=10.0, max_abs_err=1.0)) is None
 
 
 def test_random_config_engines_run_the_same_weights(tmp_path):

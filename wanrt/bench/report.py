@@ -70,7 +70,7 @@ def table(report: Report):
     for col, justify in (("component", "left"), ("backend", "left"), ("vs eager", "right"), ("median", "right"),
                          ("min", "right"), ("max", "right"), ("FLOPs", "right"), ("TFLOP/s", "right"),
                          ("% peak", "right"), ("peak mem", "right"), ("+call mem", "right"), ("PSNR dB", "right"),
-                         ("max |err|", "right"), ("rel L2", "right"), ("status", "left")):
+                         ("max |err|", "right"), ("rel L2", "right"), ("gate", "left"), ("status", "left")):
         t.add_column(col, justify=justify)
     for row in report.rows:
         ok = row.ok
@@ -86,9 +86,17 @@ def table(report: Report):
             _psnr(row) if ok else "-",
             f"{row.max_abs_err:.3g}" if row.max_abs_err is not None else "-",
             f"{row.rel_l2:.2e}" if row.rel_l2 is not None else "-",
+            _gate(row),
             _short_status(row),
         )
     return t
+
+
+def _gate(row: Row) -> str:
+    """The quality gate's verdict (bench.runner.QUALITY_GATE): pass, FAIL, or - where no gate applies."""
+    if row.quality is None:
+        return "-"
+    return "pass" if row.quality == "pass" else "[red]FAIL[/red]"
 
 
 def _short_status(row: Row) -> str:
@@ -120,6 +128,9 @@ def print_report(report: Report, console=None) -> None:
     console.print(table(report))
     for line in reasons(report):
         console.print(line, markup=False, highlight=False)
+    for r in report.rows:
+        if r.quality not in (None, "pass"):
+            console.print(f"quality gate: {r.backend} {r.component}: {r.quality}", markup=False, highlight=False)
     profiled = [r for r in report.rows if r.profile]
     if profiled:
         from .profile import format_line
@@ -134,7 +145,8 @@ def print_report(report: Report, console=None) -> None:
                 "rss": "process resident set peak during the call (all backends' weights are resident)",
                 "rss_lifetime": "process lifetime peak RSS (the OS cannot reset it per call)"}[mem]
         console.print(f"peak mem: {what}; +call mem: its rise over the memory in use before the call; "
-                      "PSNR: peak = eager output's value range (255 for e2e frames)",
+                      "PSNR: peak = eager output's value range (255 for e2e frames); gate: dit_step rel L2 <= 2e-2, "
+                      "e2e video PSNR >= 30 dB vs eager",
                       markup=False, highlight=False)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
