@@ -131,3 +131,28 @@ def test_compiled_blocks_keep_the_eager_numerics(inputs):
             # kept by emulate_precision_casts; without it Inductor skips some: 3.5e-3 from eager); allowed:
             # 1.25x eager's error vs fp32
             assert rel_l2(out, want) <= 1.25 * rel_l2(eager, want), (rel_l2(out, want), rel_l2(eager, want))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_self_attention_output_skips_the_fp32_round_trip_exactly(kind, inputs, monkeypatch):
+    """The self-attention output goes to `o` in the matmul dtype (attention(..., out_dtype=v.dtype)) instead of
+    through q's fp32 as the official code does: bit-identical DiT output, since bf16 -> fp32 -> bf16 is exact
+    (a lossy round trip, through e4m3, changes it: checked below, so the comparison can fail)."""
+    from wanrt.kernels import attention as seam
+    from wanrt.models import dit as dit_mod
+
+    kw = {"dtype": torch.bfloat16} if kind == "bf16" else {"precision": "fp8"}
+    model = load("tiny", components=["dit"], **kw).dit
+    now = _run(model, inputs)
+
+    def official(self, x, rope, lossy=False):
+        q, k, v = self.qkv(x, rope)
+        out = seam.attention(q, k, v)  # q's dtype: fp32
+        if lossy:
+            out = out.to(torch.float8_e4m3fn).to(out.dtype)
+        return self.o(out.flatten(2))
+
+    monkeypatch.setattr(dit_mod.WanSelfAttention, "forward", official)
+    assert torch.equal(now, _run(model, inputs))
+    monkeypatch.setattr(dit_mod.WanSelfAttention, "forward", lambda self, x, rope: official(self, x, rope, True))
+    assert not torch.equal(now, _run(model, inputs))

@@ -68,9 +68,12 @@ def use(name: str) -> Iterator[None]:
         _state.name = prev
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
-    out_dtype = q.dtype
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in `out_dtype`
+    (default: q's dtype, as the official code). A caller whose next op casts to v's dtype anyway passes
+    v.dtype: the same values without the round trip through fp32 (bf16 -> fp32 -> bf16 is exact)."""
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     q, k = q.to(v.dtype), k.to(v.dtype)
     return _REGISTRY[current()](q, k, v).to(out_dtype)
 
