@@ -217,6 +217,29 @@ def test_norm_modulate(dtype, b, l, c, shift_batch):
 
 
 @on_device
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_norm_modulate_emits_the_matmul_dtype(out_dtype):
+    """out_dtype: the kernel rounds its fp32 result to the dtype of the linear it feeds. The same values as the
+    reference's fp32 result cast by that linear (x.to(weight.dtype)), where the fp32 results agree: every
+    element equal, or one ulp of out_dtype apart where the fp32 statistics straddle a rounding boundary."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 7, 96, generator=g) * 3 + 1).to(DEV, torch.bfloat16)
+    shift, scale = torch.randn(2, 2, 1, 96, generator=g).to(DEV)
+    out = triton_fused.norm_modulate(x, shift, scale, 1e-6, out_dtype)
+    cast = _norm_modulate_ref(x, shift, scale, 1e-6).to(out_dtype)  # what the linear's own cast gives
+    assert out.dtype == out_dtype and out.shape == cast.shape
+    same = (out == cast).float().mean().item()
+    assert same > 0.99, f"only {same:.2%} of the elements equal"  # measured: all equal on this CPU
+    ulp = torch.finfo(out_dtype).eps
+    assert ((out.float() - cast.float()).abs() <= ulp * cast.float().abs()).all()
+    # and through the seam and the custom op (what the model calls)
+    with fused.use("triton"):
+        seam = fused.norm_modulate(x, shift, scale, 1e-6, out_dtype)
+    assert seam.dtype == out_dtype and torch.equal(seam, out)
+    assert torch.equal(_norm_modulate_ref(x, shift, scale, 1e-6, out_dtype), cast)
+
+
+@on_device
 @pytest.mark.parametrize("dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
                          ids=["fp32", "bf16-w32", "bf16-w16", "fp16-w16"])

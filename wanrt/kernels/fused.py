@@ -76,12 +76,17 @@ def _dispatch(op: str) -> Callable:
     return impl.get(op, _IMPLS["torch"][op])
 
 
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm(x) (no affine, fp32 statistics, rounded to x's dtype) * (1 + scale) + shift, in fp32.
 
-    x (B, L, C); shift, scale (B, 1, C) fp32. Returns fp32 (B, L, C).
+    x (B, L, C); shift, scale (B, 1, C) fp32. Returns (B, L, C) in fp32, or rounded to `out_dtype`: the
+    matmul dtype of the linear it feeds, which would cast it anyway (the kernel then writes 2 bytes an
+    element instead of 4, and no separate cast reads them back).
     """
-    return _dispatch("norm_modulate")(x, shift, scale, eps)
+    if out_dtype is None or out_dtype == torch.float32:
+        return _dispatch("norm_modulate")(x, shift, scale, eps)
+    return _dispatch("norm_modulate")(x, shift, scale, eps, out_dtype)
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
@@ -94,9 +99,10 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
 
 
 @register("torch", "norm_modulate")
-def _norm_modulate_ref(x, shift, scale, eps):
+def _norm_modulate_ref(x, shift, scale, eps, out_dtype=None):
     y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
-    return y.float() * (1 + scale) + shift
+    out = y.float() * (1 + scale) + shift
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

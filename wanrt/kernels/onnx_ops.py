@@ -36,6 +36,7 @@ OP_TYPES = {
 
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+ONNX_TYPES = {torch.float16: 10, torch.bfloat16: 16}  # onnx.TensorProto.FLOAT16 / BFLOAT16
 
 
 def register_schemas() -> None:
@@ -82,6 +83,7 @@ def register_schemas() -> None:
 
 def translation_table() -> dict[Callable, Callable]:
     """{torch op overload: onnxscript function emitting the custom node} for torch.onnx.export."""
+    from onnxscript import opset18 as onnx_op
     from onnxscript import values
 
     from . import ops  # noqa: F401  (defines torch.ops.wanrt.*; needs triton)
@@ -95,8 +97,12 @@ def translation_table() -> dict[Callable, Callable]:
     def sage_attention(q, k, v):
         return wanrt.SageAttention(q, k, v, plugin_namespace=DOMAIN)
 
-    def norm_modulate(x, shift, scale, eps: float):
-        return wanrt.NormModulate(x, shift, scale, eps=float(eps), plugin_namespace=DOMAIN, aot=1)
+    def norm_modulate(x, shift, scale, eps: float, out_dtype=torch.float32):
+        out = wanrt.NormModulate(x, shift, scale, eps=float(eps), plugin_namespace=DOMAIN, aot=1)
+        if out_dtype in (None, torch.float32):
+            return out
+        # the plugin writes fp32; the rounding to the linear's dtype stays an explicit Cast in the graph
+        return onnx_op.Cast(out, to=ONNX_TYPES[out_dtype])
 
     def qk_norm_rope(x, weight, eps: float, cos, sin, num_heads: int):
         return wanrt.QKNormRope(x, weight, cos, sin, eps=float(eps), num_heads=int(num_heads),

@@ -4,7 +4,7 @@ Importing this module needs triton (the seams import it lazily and skip it on Im
 
     wanrt::flash_attention(q, k, v)                              -> (B, Lq, H, D), q's dtype
     wanrt::sage_attention(q, k, v)                               -> (B, Lq, H, D), v's dtype
-    wanrt::norm_modulate(x, shift, scale, eps)                   -> (B, L, C) fp32
+    wanrt::norm_modulate(x, shift, scale, eps, out_dtype)        -> (B, L, C) fp32 (or out_dtype)
     wanrt::qk_norm_rope(x, weight, eps, cos, sin, num_heads)     -> (B, L, H, D) fp32
 
 with `torch.library.triton_op`: eager calls run the kernels directly, and torch.compile / AOTInductor see
@@ -68,11 +68,13 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 @triton_op("wanrt::norm_modulate", mutates_args=())
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(x) (no affine, fp32 stats, rounded to x's dtype) * (1 + scale) + shift -> fp32 (B, L, C)."""
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """LayerNorm(x) (no affine, fp32 stats, rounded to x's dtype) * (1 + scale) + shift -> (B, L, C) in
+    out_dtype (fp32; or the bf16/fp16 of the linear it feeds, rounded in the kernel)."""
     if not _runs_triton(x):
-        return _fused._norm_modulate_ref(x, shift, scale, eps)
-    return triton_fused.norm_modulate(x, shift, scale, eps, launch=wrap_triton)
+        return _fused._norm_modulate_ref(x, shift, scale, eps, out_dtype)
+    return triton_fused.norm_modulate(x, shift, scale, eps, out_dtype, launch=wrap_triton)
 
 
 @triton_op("wanrt::qk_norm_rope", mutates_args=())
@@ -99,8 +101,8 @@ def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @_fused.register("triton", "norm_modulate")
-def _norm_modulate(x, shift, scale, eps):
-    return torch.ops.wanrt.norm_modulate(x, shift, scale, float(eps))
+def _norm_modulate(x, shift, scale, eps, out_dtype=torch.float32):
+    return torch.ops.wanrt.norm_modulate(x, shift, scale, float(eps), out_dtype)
 
 
 @_fused.register("triton", "qk_norm_rope")

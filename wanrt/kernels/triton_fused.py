@@ -38,8 +38,10 @@ def round_code(x, CODE: tl.constexpr, EMULATE: tl.constexpr):
 def norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr,
                          L, C, sxb, sxl, ssb, scb,
                          out_ptr,
-                         EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
-    """grid (B * L,). x (B, L, C); shift, scale (B, 1, C) fp32 (batch stride 0 = broadcast) -> out fp32."""
+                         EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr,
+                         OUT_CODE: tl.constexpr = 0):
+    """grid (B * L,). x (B, L, C); shift, scale (B, 1, C) fp32 (batch stride 0 = broadcast) -> out fp32, or
+    rounded to fp16/bf16 (OUT_CODE 1/2, out_ptr of that dtype) for the linear it feeds."""
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
     t = (row % L).to(tl.int64)
@@ -53,7 +55,8 @@ def norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr,
     y = round_to(xc * tl.rsqrt(var + EPS), x_raw.dtype, EMULATE)  # .type_as(x)
     sh = tl.load(shift_ptr + b * ssb + offs, mask=ok, other=0.0)
     sc = tl.load(scale_ptr + b * scb + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + row.to(tl.int64) * C + offs, y * (1.0 + sc) + sh, mask=ok)
+    out = round_code(y * (1.0 + sc) + sh, OUT_CODE, EMULATE)  # the cast the next linear would do
+    tl.store(out_ptr + row.to(tl.int64) * C + offs, out, mask=ok)
 
 
 @triton.jit
@@ -92,19 +95,20 @@ def _row_warps(block: int) -> int:
     return 1 if INTERPRET else min(max(block // 256, 1), 8)
 
 
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, *,
-                  launch: Launch = direct) -> torch.Tensor:
-    """x (B, L, C); shift, scale broadcastable to (B, 1, C) -> fp32 (B, L, C)."""
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype = torch.float32, *, launch: Launch = direct) -> torch.Tensor:
+    """x (B, L, C); shift, scale broadcastable to (B, 1, C) -> (B, L, C) in out_dtype (fp32, fp16, bf16)."""
     b, l, c = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     shift, scale = (s.float().expand(b, 1, c) for s in (shift, scale))
     shift, scale = (s if s.stride(-1) == 1 else s.contiguous() for s in (shift, scale))
-    out = torch.empty((b, l, c), dtype=torch.float32, device=x.device)
+    out = torch.empty((b, l, c), dtype=out_dtype, device=x.device)
     block = triton.next_power_of_2(c)
     launch(norm_modulate_kernel)[(b * l,)](
         x, shift, scale, l, c, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out,
-        EPS=float(eps), BLOCK_C=block, EMULATE=INTERPRET, num_warps=_row_warps(block))
+        EPS=float(eps), BLOCK_C=block, EMULATE=INTERPRET, OUT_CODE=DTYPE_CODE[out_dtype],
+        num_warps=_row_warps(block))
     return out
 
 

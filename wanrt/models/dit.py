@@ -34,6 +34,13 @@ class Linear(nn.Linear):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
+def matmul_input_dtype(linear: nn.Module) -> torch.dtype | None:
+    """What `linear` casts its input to: the weight dtype of our casting Linear. None for anything else (an
+    FP8Linear quantises its input per token from whatever precision it gets; rounding it to bf16 first would
+    change the scales): a norm feeding `linear` may emit this dtype directly, the same values."""
+    return linear.weight.dtype if type(linear) is Linear else None
+
+
 class Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype))
@@ -130,6 +137,10 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps)  # over the full width, before the head split
         self.norm_k = WanRMSNorm(dim, eps=eps)
 
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype the q/k/v projection casts its input to (None: it takes fp32, e.g. FP8 quantisation)."""
+        return matmul_input_dtype(getattr(self, "qkv_proj", None) or self.q)
+
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Projections, q/k RMSNorm over the full width, RoPE. Returns q, k (fp32), v: (B, L, H, D)."""
         b, s, n, d = x.shape[0], x.shape[1], self.num_heads, self.head_dim
@@ -195,10 +206,10 @@ class WanAttentionBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, L, dim) residual stream (fp32 after block 0); e0 (B, 6, dim) fp32."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + e0).chunk(6, dim=1)
-        y = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), rope)
+        y = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.norm1.eps, self.self_attn.input_dtype()), rope)
         x = x + y * gate_sa
         x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn(norm_modulate(x, shift_ff, scale_ff, self.norm2.eps))
+        y = self.ffn(norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, matmul_input_dtype(self.ffn[0])))
         return x + y * gate_ff
 
 
