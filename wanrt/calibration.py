@@ -55,9 +55,12 @@ def calibrate(pipe, target, steps: int = 4, prompts: Sequence[str] = PROMPTS, fr
     linear of the recipe, the max |input| ("max" calibration) and max |weight|; with `attention`, also the
     maxima of every attention's pre-scaled q, k and v (for FP8 attention Q/DQ). Returns the scale table."""
     from wanrt.kernels import attention as seam
+    from wanrt.kernels.fusion import is_fused
     from wanrt.samples import sample_frames
 
     dit = pipe.backends.dit.model
+    if is_fused(dit):  # the Q/DQ graph quantises q, k and v one by one, by their official names
+        raise ValueError("FP8 calibration records the official q/k/v linears; load the pipeline with fuse=False")
     amax: dict[str, float] = {}
     hooks = []
     recorder = AttentionAmax(pipe.attention)
