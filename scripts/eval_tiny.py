@@ -54,8 +54,6 @@ def demo_strip(pipe, path: Path, steps: int, seed: int) -> None:
     print(f"wrote {path}")
 
 
-TARGET_SIZES = ((64, 64), (64, 48), (48, 64), (96, 64))
-
 
 def targets(pipe, args) -> dict:
     """Held-out single disks/squares on gradients, 17 frames, 20 steps, at every trained size: no cross-faded
@@ -64,7 +62,7 @@ def targets(pipe, args) -> dict:
     out = {}
     print(f"{'size':>11} {'clips':>5} {'min first':>9} {'min last':>8} {'crossfaded':>10} {'max colour':>10} "
           f"{'max rel. centroid':>17} {'pass':>5}")
-    for w, h in TARGET_SIZES:
+    for w, h in evaluate.TARGET_SIZES:
         for kind in ("model", "vae"):
             summary, scores = evaluate.targets(pipe, data.heldout_seeds(args.clips), w, h, args.target_steps,
                                                vae_only=kind == "vae", seed=args.seed)

@@ -7,6 +7,7 @@
 Stages (each saves its result in --workdir, so an interrupted run continues where it stopped):
   base     random T5 + CLIP (+ tokenizer) of the tiny config, seeded; they stay frozen (see wanrt/tiny/train.py)
   vae      the VAE as an autoencoder through its causal chunked path
+  vae_eval the VAE alone on the held-out target clips (vae_eval.json)
   latents  pre-encode the DiT training clips exactly as the pipeline does (latent, [first, zeros, last]
            latent + mask, CLIP tokens, T5 contexts of all prompts and of the negative prompt)
   dit      flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, timestep int(1000 s), sigmas
@@ -41,7 +42,7 @@ from wanrt.models.dit import WanDiT  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
 from wanrt.tiny import data, train  # noqa: E402
 
-STAGES = ("base", "vae", "latents", "dit", "varied_latents", "varied", "export")
+STAGES = ("base", "vae", "vae_eval", "latents", "dit", "varied_latents", "varied", "export")
 
 
 def log(msg: str) -> None:
@@ -72,7 +73,7 @@ def stage_base(args, workdir: Path) -> None:
         return
     tmp = workdir / "base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tiny.write(tmp, layout="official", seed=args.seed, config=train.trained_config())
+    tiny.write(tmp, layout="official", seed=args.seed, config=train.trained_config(args.vae_dim, args.vae_res_blocks))
     tmp.rename(workdir / "base")
 
 
@@ -81,7 +82,7 @@ def stage_vae(args, workdir: Path) -> None:
     if final.is_file():
         return
     torch.manual_seed(args.seed)
-    vae = WanVAE(train.trained_config().vae).train()
+    vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae).train()
     train.init_vae(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     state_path, history, start = workdir / "vae_state.pt", [], 0
@@ -99,7 +100,7 @@ def stage_vae(args, workdir: Path) -> None:
             torch.manual_seed(args.seed * 1_000_003 + step)  # latent noise, reproducible across resumes
             # crops for most steps, whole frames at the end (the middle attention sees the full 8x8 grid)
             crop = 32 if step < args.vae_steps - args.vae_full_steps else None
-            video, weight = train.vae_batch(step, args.vae_batch, args.seed, crop)
+            video, weight = train.vae_batch(step, args.vae_batch, args.seed, crop, varied=args.vae_varied)
             loss = train.vae_loss(vae, video, weight)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -116,6 +117,29 @@ def stage_vae(args, workdir: Path) -> None:
                             "step": step + 1}, state_path)
     torch.save(vae.state_dict(), final)
     (workdir / "vae_history.json").write_text(json.dumps(history))
+
+
+def stage_vae_eval(args, workdir: Path) -> None:
+    """The trained VAE alone on the held-out target clips (scripts/eval_tiny.py --targets, its "vae" rows): the
+    bound on what any DiT trained on its latents can reach. -> vae_eval.json, one line per size."""
+    from wanrt.pipeline import FLF2VPipeline
+    from wanrt.runtime.backends import eager
+    from wanrt.tiny import evaluate
+
+    final = workdir / "vae_eval.json"
+    if final.is_file():
+        return
+    models = load_models(workdir)
+    pipe = FLF2VPipeline(eager(models), models.config, models.text_encoder.tokenizer, torch.device("cpu"))
+    out = {}
+    for w, h in evaluate.TARGET_SIZES:
+        summary, scores = evaluate.targets(pipe, data.heldout_seeds(20), w, h, vae_only=True)
+        summary["clips_passing"] = sum(evaluate.meets_targets(s) for s in scores)
+        out[f"{w}x{h}"] = summary
+        log(f"vae_eval {w}x{h}: {summary['clips_passing']}/20 clips meet the targets, crossfaded "
+            f"{summary['crossfaded']}, max colour error {summary['max_color_error']:.0f}, min first/last "
+            f"{summary['min_psnr_first']:.1f}/{summary['min_psnr_last']:.1f} dB")
+    final.write_text(json.dumps(out, indent=1))
 
 
 def group_seeds(args, groups=train.GROUPS, clips: int | None = None, first: int | None = None
@@ -332,6 +356,10 @@ def main() -> None:
     p.add_argument("--vae_full_steps", type=int, default=250, help="last VAE steps on whole 64x64 frames")
     p.add_argument("--vae_batch", type=int, default=8)
     p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--vae_dim", type=int, default=8, help="VAE base width (the shipped model: 8)")
+    p.add_argument("--vae_res_blocks", type=int, default=1, help="VAE residual blocks per level")
+    p.add_argument("--vae_varied", action="store_true",
+                   help="train the VAE on the second run's data (every size, varied scenes) too")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)

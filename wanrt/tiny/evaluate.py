@@ -151,6 +151,7 @@ def generate(pipe, clip: data.Clip, steps: int, guide_scale: float = 5.0, shift:
 
 # The issue-18 targets' held-out clips: one disk or square on a gradient.
 SIMPLE = ("disk", "square")
+TARGET_SIZES = ((64, 64), (64, 48), (48, 64), (96, 64))  # (width, height): every size the model is trained at
 
 
 def evaluate(pipe, seeds: list[int], steps: int, frames: int = data.FRAMES, width: int = data.SIZE,

@@ -56,15 +56,15 @@ def varied_clip(seed: int, frames: int, width: int, height: int) -> data.Clip:
     return data.make_scene(seed, frames, width, height) if seed % 2 else data.make_clip(seed, frames, width, height)
 
 
-def trained_config() -> WanConfig:
+def trained_config(vae_dim: int = 8, vae_res_blocks: int = 1) -> WanConfig:
     """Tiny T5/CLIP (frozen, random) as in WanConfig.tiny(); a wider, deeper DiT that can learn the
     task; the tiny VAE widths. 4 DiT heads, so the 2- and 4-way head splits of the tests still apply."""
     base = WanConfig.tiny()
     dit = DiTConfig(dim=128, ffn_dim=384, freq_dim=64, text_dim=base.t5.dim, num_heads=4, num_layers=4,
                     clip_dim=base.clip.dim, clip_tokens=base.clip.num_tokens)
     # one residual block per level instead of two: same module types and chunking, half the convs,
-    # which is what lets the VAE train in minutes on a CPU
-    return base.replace(dit=dit, vae=VAEConfig(dim=8, num_res_blocks=1))
+    # which is what lets the VAE train in minutes on a CPU (the loader reads the widths from the weights)
+    return base.replace(dit=dit, vae=VAEConfig(dim=vae_dim, num_res_blocks=vae_res_blocks))
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -153,7 +153,7 @@ def vae_decode_train(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
 
 
 def vae_batch(step: int, batch: int, seed: int, crop: int | None = None, object_weight: float = 4.0,
-              key_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              key_weight: float = 1.0, varied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(video (B, 3, T, H, W) in [-1, 1], pixel weights (B, 1, T, H, W)), deterministic in (step, seed).
 
     Windows of synthetic clips: T is 1 (the first-chunk path alone: cheap steps), 5 (first chunk + one
@@ -162,13 +162,19 @@ def vae_batch(step: int, batch: int, seed: int, crop: int | None = None, object_
     pixels (known from the clip's background) weigh 1 + object_weight: they are a few percent of the
     frame but all of what the video is about, and a plain mean lets the VAE leave them blurry. Frames 0,
     4, 8 (chunk 0 and the last frame of each 4-frame chunk: where FLF2V's given first and last frame sit)
-    weigh key_weight more, since the user compares those to the frames they gave."""
+    weigh key_weight more, since the user compares those to the frames they gave.
+
+    varied: the second run's data instead (every trained size, half of the clips varied scenes)."""
     rng = np.random.default_rng([seed, step])
     t = int(rng.choice([1, 5, 9], p=[0.2, 0.55, 0.25]))
-    w, h = (64, 48) if rng.random() < 0.3 else (64, 64)
+    if varied:
+        w, h = _SIZES[int(rng.choice(len(_SIZES), p=[a for _, _, a in _SIZES]))][:2]
+    else:
+        w, h = (64, 48) if rng.random() < 0.3 else (64, 64)
+    make = varied_clip if varied else data.make_clip
     vids, masks = [], []
     for _ in range(batch):
-        clip = data.make_clip(int(rng.integers(data.TRAIN_SEEDS.stop)), data.FRAMES, w, h)
+        clip = make(int(rng.integers(data.TRAIN_SEEDS.stop)), data.FRAMES, w, h)
         start = int(rng.integers(0, data.FRAMES - t + 1))
         v = clip.frames[start:start + t]
         m = data.object_mask(v, clip.background, threshold=8)
