@@ -73,7 +73,13 @@ def stage_base(args, workdir: Path) -> None:
         return
     tmp = workdir / "base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tiny.write(tmp, layout="official", seed=args.seed, config=train.trained_config(args.vae_dim, args.vae_res_blocks))
+    # T5, CLIP and tokenizer exactly as in the shipped model (one seeded generator runs over the models in
+    # order, so a VAE of another size would shift them): a DiT can then start from the shipped one
+    tiny.write(tmp, layout="official", seed=args.seed, config=train.trained_config())
+    if (args.vae_dim, args.vae_res_blocks) != (8, 1):  # a placeholder of the new shape; stage vae trains it
+        torch.manual_seed(args.seed)
+        vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
+        torch.save(vae.state_dict(), tmp / loading.OFFICIAL_VAE)
     tmp.rename(workdir / "base")
 
 
