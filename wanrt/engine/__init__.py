@@ -39,7 +39,8 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
 
     aoti only: `models` (a loaded WanModels, e.g. random weights made on the GPU) replaces the checkpoint
     (ckpt_dir may then be None); the manifest records them as in-memory weights.
-    lora: [(file, scale), ...] merged into the DiT (see LORA_SWAP for what another LoRA costs per backend)."""
+    lora: [(file, scale), ...] merged into the DiT (see LORA_SWAP for what another LoRA costs per backend);
+    tensorrt only: aoti packages hold no weights and take their LoRAs when loaded."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown build backend {backend!r}; choose from {', '.join(BACKENDS)}")
     components = check_components(components)
@@ -53,8 +54,7 @@ def build(ckpt_dir: str | Path | None, out: str | Path, target: Target, backend:
 
         require()  # fail at once, before any export work
         return _build_tensorrt(ckpt_dir, Path(out), target, precision, components, force, log, trt_options, lora)
-    return _build_aoti(ckpt_dir, Path(out), target, precision, components, device, force, log, attention, models,
-                       lora)
+    return _build_aoti(ckpt_dir, Path(out), target, precision, components, device, force, log, attention, models)
 
 
 # What a LoRA swap (same checkpoint, other LoRA files or scales) costs per backend; `wanrt build/export
@@ -102,12 +102,10 @@ def check_lora(m, backend: str, target: Target, lora) -> None:
                           f"with `wanrt build/export --lora ...` ({LORA_SWAP[backend]})")
 
 
-def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, force, log, attention, models=None,
-                lora=None):
+def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, force, log, attention, models=None):
     from wanrt.export import _copy_tokenizer
     from wanrt.export.graphs import graph_module
     from wanrt.models.loading import Checkpoint
-    from wanrt.models.lora import identities
 
     from .aoti import compile_package
     from .dir import EngineDir
@@ -130,7 +128,6 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
         source = {"path": models.source or "in-memory", "layout": "memory", "fingerprint": f"memory-{digest}"}
     specs = graph_specs(cfg, target)
-    lora_ids = identities(lora)
     manifest = EngineDir(out).open(source=source, config=dataclasses.asdict(cfg), precision=precision, target=target)
     if ckpt is not None:
         _copy_tokenizer(ckpt, out)
@@ -146,7 +143,7 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
     for c in components:
         for g in GRAPHS[c]:
             key = engine_key("aoti", g, target)
-            extra = {"lora": lora_ids} if g == "dit" and weights == "embedded" else {}
+            extra = {"lora": []} if g == "dit" and weights == "embedded" else {}  # LoRAs are refused above
             if not force and manifest.is_current("engines", key, spec=specs[g].to_dict(), **facts, **extra):
                 log(f"{key}: up to date")
             else:
@@ -175,7 +172,7 @@ def _build_aoti(ckpt_dir, out: Path, target, precision, components, device, forc
         compile_package(graph_module(graph, models, target), specs[graph], path, dev, attention,
                         exact_casts=precision == "fp8", embed_weights=weights == "embedded")
         seconds = round(time.perf_counter() - t0, 1)
-        extra = {"lora": lora_ids} if graph == "dit" and weights == "embedded" else {}
+        extra = {"lora": []} if graph == "dit" and weights == "embedded" else {}
         manifest.record("engines", key, [rel], backend="aoti", component=component, graph=graph,
                         spec=specs[graph].to_dict(), build_seconds=seconds, **facts, **extra)
         log(f"{key}: {rel} ({path.stat().st_size / 1e6:.1f} MB, {seconds} s)")

@@ -63,7 +63,7 @@ def load(backend: str, m: Manifest, target: Target, device: torch.device, names=
     if backend == "aoti":
         external = [g for g in names if entries[g].get("weights") == "checkpoint"]
         if external:
-            models = _checkpoint_models(m, target, device, external, lora, checkpoint)
+            models = _checkpoint_models(m, device, external, lora, checkpoint)
     graphs = {}
     for graph in names:
         entry = entries[graph]
@@ -85,7 +85,7 @@ def load(backend: str, m: Manifest, target: Target, device: torch.device, names=
     return graphs
 
 
-def _checkpoint_models(m: Manifest, target: Target, device: torch.device, graphs, lora, checkpoint):
+def _checkpoint_models(m: Manifest, device: torch.device, graphs, lora, checkpoint):
     """The loaded models whose tensors are the constants of weight-less AOTInductor packages."""
     from wanrt.export.specs import TABLE
     from wanrt.models.loading import Checkpoint, CheckpointError
