@@ -134,6 +134,43 @@ def test_fp8_keep_first_and_last_blocks(dits, step_inputs):
         load("tiny", components=["dit"], precision="int4")
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["qkv", "qkv_fused"])
+def test_norms_hand_fp8_linears_their_quantised_rows(dits, step_inputs, fuse, monkeypatch):
+    """The two modulated norms of a block and the FFN's GELU emit e4m3 rows + per-token scales for the FP8
+    linears after them (kernels/fused.norm_modulate / gelu_tanh with out_dtype e4m3; one Triton kernel each on
+    a GPU, the activation itself never written): the numbers the linears' own quantisation gives, so the step
+    is bit-identical; q, k and v share one quantisation where they each did their own."""
+    model = load("tiny", components=["dit"], precision="fp8", fuse=True).dit if fuse else dits["fp8"]
+    quantised, given = [], []
+    real = fp8.quantize_rowwise
+
+    def counting(x):
+        quantised.append(tuple(x.shape))
+        return real(x)
+
+    monkeypatch.setattr(fp8, "quantize_rowwise", counting)
+    hooks = [m.register_forward_pre_hook(lambda m, args: given.append(isinstance(args[0], fp8.QuantizedRows)))
+             for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+    try:
+        out = _step(model, step_inputs)
+        on = (len(quantised), sum(given))
+        quantised.clear(), given.clear()
+        monkeypatch.setattr(fp8.FP8Linear, "input_dtype", lambda self: None)  # off: the norms emit fp32
+        plain = _step(model, step_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out, plain)
+    n = len(model.blocks)
+    # linears given rows: q, k, v (or q|k|v) after norm1, the FFN's up-projection after norm2 and its
+    # down-projection after the GELU; none when off
+    assert on[1] == (5 if not fuse else 3) * n and sum(given) == 0
+    # quantisations: every linear's own when off (12 a block; 8 with q|k|v, k|v, k_img|v_img fused); on, the
+    # two norms and the GELU do 3 and those linears none
+    assert len(quantised) == (12 if not fuse else 8) * n
+    assert on[0] == len(quantised) - on[1] + 3 * n
+
+
 @pytest.mark.slow
 def test_fp8_tiny_video_psnr():
     """The trained tiny model end to end: fp8 video vs the fp32 video, same seed (~40 s on 2 cores)."""

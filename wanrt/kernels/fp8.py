@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,25 @@ SCALE_MIN = 1e-12  # an all-zero row gets this scale (its values quantise to 0 e
 # _scaled_mm's fast accumulation (Hopper: partial sums in fp22 between promotions) is faster but not the
 # math the CPU emulates; off by default, measured by benchmarks/gpu_precision.py.
 FAST_ACCUM = False
+
+
+class QuantizedRows(NamedTuple):
+    """An activation already quantised per token, as FP8Linear would do it: q (..., K) e4m3 and its fp32
+    scale (..., 1). A norm that feeds FP8 linears emits this (kernels/fused.norm_modulate with
+    out_dtype=FP8), so the fp32 activation is never written; every FP8Linear on it reuses the same q."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:  # the activation's shape, as the tensor it stands for
+        return self.q.shape
+
+
+def quantize(x: torch.Tensor) -> QuantizedRows:
+    """x (..., K) -> QuantizedRows, one scale per row (`quantize_rowwise` on the flattened rows)."""
+    q, s = quantize_rowwise(x.reshape(-1, x.shape[-1]))
+    return QuantizedRows(q.view(x.shape), s.view(*x.shape[:-1], 1))
 
 
 class FP8Error(RuntimeError):
@@ -136,9 +156,17 @@ class FP8Linear(nn.Module):
         """fp32 (out, in): what the GEMM actually multiplies by (for error analysis)."""
         return self.weight.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xq, sx = quantize_rowwise(x.reshape(-1, self.in_features))
+    def input_dtype(self) -> torch.dtype:
+        """What this linear wants from the op before it: e4m3 rows (a QuantizedRows), see matmul_input_dtype."""
+        return FP8
+
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        if isinstance(x, QuantizedRows):  # quantised by the op that produced it (the same numbers)
+            lead = x.q.shape[:-1]
+            xq, sx = x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        else:
+            lead = x.shape[:-1]
+            xq, sx = quantize_rowwise(x.reshape(-1, self.in_features))
         y = scaled_mm(xq, sx, self.weight, self.weight_scale, self.bias, self.out_dtype)
         return y.view(*lead, self.out_features)
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import fp8
+
 _IMPLS: dict[str, dict[str, Callable]] = {"torch": {}}
 _state = threading.local()
 _default = "torch"
@@ -77,16 +79,29 @@ def _dispatch(op: str) -> Callable:
 
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor | fp8.QuantizedRows:
     """LayerNorm(x) (no affine, fp32 statistics, rounded to x's dtype) * (1 + scale) + shift, in fp32.
 
-    x (B, L, C); shift, scale (B, 1, C) fp32. Returns (B, L, C) in fp32, or rounded to `out_dtype`: the
-    matmul dtype of the linear it feeds, which would cast it anyway (the kernel then writes 2 bytes an
-    element instead of 4, and no separate cast reads them back).
+    x (B, L, C); shift, scale (B, 1, C) fp32. Returns (B, L, C) in fp32, or in the input format of the
+    linear it feeds (`out_dtype`, its `input_dtype()`): rounded to bf16/fp16, which the linear would cast to
+    anyway (2 bytes an element written instead of 4, no separate cast), or, for FP8 linears (float8_e4m3fn),
+    that fp32 result quantised per token as they would quantise it (fp8.QuantizedRows: 1 byte an element).
+    Either way the numbers the GEMM multiplies are the ones the plain fp32 path gives it.
     """
     if out_dtype is None or out_dtype == torch.float32:
         return _dispatch("norm_modulate")(x, shift, scale, eps)
+    if out_dtype == fp8.FP8:
+        return fp8.QuantizedRows(*_dispatch("norm_modulate_quant")(x, shift, scale, eps))
     return _dispatch("norm_modulate")(x, shift, scale, eps, out_dtype)
+
+
+def gelu_tanh(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | fp8.QuantizedRows:
+    """The FFN's GELU (tanh approximation) in x's dtype, as nn.GELU(approximate="tanh"). out_dtype: the input
+    format of the linear it feeds; for an FP8 linear (float8_e4m3fn) the result comes quantised per token as
+    that linear would quantise it (fp8.QuantizedRows; one Triton kernel: the activation is never written)."""
+    if out_dtype == fp8.FP8:
+        return fp8.QuantizedRows(*_dispatch("gelu_quant")(x))
+    return F.gelu(x, approximate="tanh")
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
@@ -103,6 +118,16 @@ def _norm_modulate_ref(x, shift, scale, eps, out_dtype=None):
     y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
     out = y.float() * (1 + scale) + shift
     return out if out_dtype is None else out.to(out_dtype)
+
+
+@register("torch", "gelu_quant")
+def _gelu_quant_ref(x):
+    return tuple(fp8.quantize(F.gelu(x, approximate="tanh")))
+
+
+@register("torch", "norm_modulate_quant")
+def _norm_modulate_quant_ref(x, shift, scale, eps):
+    return tuple(fp8.quantize(_norm_modulate_ref(x, shift, scale, eps)))
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ Importing this module needs triton (the seams import it lazily and skip it on Im
     wanrt::flash_attention(q, k, v)                              -> (B, Lq, H, D), q's dtype
     wanrt::sage_attention(q, k, v)                               -> (B, Lq, H, D), v's dtype
     wanrt::norm_modulate(x, shift, scale, eps, out_dtype)        -> (B, L, C) fp32 (or out_dtype)
+    wanrt::norm_modulate_quant(x, shift, scale, eps)             -> (B, L, C) e4m3, (B, L, 1) fp32 scales
+    wanrt::gelu_quant(x)                                         -> (..., C) e4m3, (..., 1) fp32 scales
     wanrt::qk_norm_rope(x, weight, eps, cos, sin, num_heads)     -> (B, L, H, D) fp32
 
 with `torch.library.triton_op`: eager calls run the kernels directly, and torch.compile / AOTInductor see
@@ -77,6 +79,23 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     return triton_fused.norm_modulate(x, shift, scale, eps, out_dtype, launch=wrap_triton)
 
 
+@triton_op("wanrt::norm_modulate_quant", mutates_args=())
+def norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_modulate's fp32 result quantised per token for an FP8 linear -> (e4m3 (B, L, C), fp32 (B, L, 1))."""
+    if not _runs_triton(x):
+        return _fused._norm_modulate_quant_ref(x, shift, scale, eps)
+    return triton_fused.norm_modulate_quant(x, shift, scale, eps, launch=wrap_triton)
+
+
+@triton_op("wanrt::gelu_quant", mutates_args=())
+def gelu_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh GELU in x's dtype quantised per token for an FP8 linear -> (e4m3 (..., C), fp32 (..., 1))."""
+    if not _runs_triton(x):
+        return _fused._gelu_quant_ref(x)
+    return triton_fused.gelu_quant(x, launch=wrap_triton)
+
+
 @triton_op("wanrt::qk_norm_rope", mutates_args=())
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                  num_heads: int) -> torch.Tensor:
@@ -103,6 +122,16 @@ def _sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @_fused.register("triton", "norm_modulate")
 def _norm_modulate(x, shift, scale, eps, out_dtype=torch.float32):
     return torch.ops.wanrt.norm_modulate(x, shift, scale, float(eps), out_dtype)
+
+
+@_fused.register("triton", "norm_modulate_quant")
+def _norm_modulate_quant(x, shift, scale, eps):
+    return torch.ops.wanrt.norm_modulate_quant(x, shift, scale, float(eps))
+
+
+@_fused.register("triton", "gelu_quant")
+def _gelu_quant(x):
+    return torch.ops.wanrt.gelu_quant(x)
 
 
 @_fused.register("triton", "qk_norm_rope")

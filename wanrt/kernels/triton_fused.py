@@ -5,6 +5,9 @@
 - qk_norm_rope: RMSNorm over the full hidden width (fp32 statistics, rounded to x's dtype) times the
   weight (in the promoted dtype of x and weight, as torch does), then RoPE on adjacent channel pairs
   (2k, 2k+1) with the angle of (token, k mod D/2); fp32 out, (B, L, C) == (B, L, H, D) contiguous.
+- norm_modulate_quant: norm_modulate's fp32 row quantised per token to e4m3 as an FP8 linear does to its
+  input (kernels/triton_quant.py's math): the FP8 GEMM's input written at 1 byte an element plus one scale,
+  where norm_modulate + quantize_rows write 4, read them back and write 1.
 
 Both match `wanrt.kernels.fused`'s references including those intermediate roundings. The row is
 held in registers between the statistics and the output (C = 5120 -> 8192-wide block, 32 values per
@@ -16,8 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from .triton_attention import INTERPRET, Launch, direct, round_to
+from .triton_attention import INTERPRET, Launch, direct, round_e4m3, round_to
 
 # dtype codes for constexprs (plain ints keep Inductor's and the AOT compiler's signatures simple)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -35,14 +39,9 @@ def round_code(x, CODE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr,
-                         L, C, sxb, sxl, ssb, scb,
-                         out_ptr,
-                         EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr,
-                         OUT_CODE: tl.constexpr = 0):
-    """grid (B * L,). x (B, L, C); shift, scale (B, 1, C) fp32 (batch stride 0 = broadcast) -> out fp32, or
-    rounded to fp16/bf16 (OUT_CODE 1/2, out_ptr of that dtype) for the linear it feeds."""
-    row = tl.program_id(0)
+def _modulated_row(x_ptr, shift_ptr, scale_ptr, row, L, C, sxb, sxl, ssb, scb,
+                   EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+    """One token row: LayerNorm (fp32 stats, rounded to x's dtype) * (1 + scale) + shift, fp32."""
     b = (row // L).to(tl.int64)
     t = (row % L).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -55,8 +54,75 @@ def norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr,
     y = round_to(xc * tl.rsqrt(var + EPS), x_raw.dtype, EMULATE)  # .type_as(x)
     sh = tl.load(shift_ptr + b * ssb + offs, mask=ok, other=0.0)
     sc = tl.load(scale_ptr + b * scb + offs, mask=ok, other=0.0)
-    out = round_code(y * (1.0 + sc) + sh, OUT_CODE, EMULATE)  # the cast the next linear would do
-    tl.store(out_ptr + row.to(tl.int64) * C + offs, out, mask=ok)
+    return y * (1.0 + sc) + sh
+
+
+@triton.jit
+def norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr,
+                         L, C, sxb, sxl, ssb, scb,
+                         out_ptr,
+                         EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr,
+                         OUT_CODE: tl.constexpr = 0):
+    """grid (B * L,). x (B, L, C); shift, scale (B, 1, C) fp32 (batch stride 0 = broadcast) -> out fp32, or
+    rounded to fp16/bf16 (OUT_CODE 1/2, out_ptr of that dtype) for the linear it feeds."""
+    row = tl.program_id(0)
+    out = _modulated_row(x_ptr, shift_ptr, scale_ptr, row, L, C, sxb, sxl, ssb, scb, EPS, BLOCK_C, EMULATE)
+    out = round_code(out, OUT_CODE, EMULATE)  # the cast the next linear would do
+    offs = tl.arange(0, BLOCK_C)
+    tl.store(out_ptr + row.to(tl.int64) * C + offs, out, mask=offs < C)
+
+
+@triton.jit
+def norm_modulate_quant_kernel(x_ptr, shift_ptr, scale_ptr,
+                               L, C, sxb, sxl, ssb, scb,
+                               q_ptr, s_ptr,
+                               EPS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+    """grid (B * L,). As norm_modulate_kernel, then the FP8 linear's per-token quantisation of that fp32 row
+    (kernels/triton_quant.py's math) without writing it: q (B*L, C) e4m3 (fp32 grid values when EMULATE),
+    s (B*L,) fp32 = max(amax / 448, 1e-12)."""
+    row = tl.program_id(0)
+    out = _modulated_row(x_ptr, shift_ptr, scale_ptr, row, L, C, sxb, sxl, ssb, scb, EPS, BLOCK_C, EMULATE)
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < C
+    out = tl.where(ok, out, 0.0)
+    s = tl.maximum(tl.max(tl.abs(out), axis=0) / 448.0, 1e-12)
+    y = tl.math.div_rn(out, tl.zeros_like(out) + s)
+    if EMULATE:
+        tl.store(q_ptr + row.to(tl.int64) * C + offs, round_e4m3(y), mask=ok)
+    else:
+        tl.store(q_ptr + row.to(tl.int64) * C + offs, y.to(tl.float8e4nv), mask=ok)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _tanh(u, EMULATE: tl.constexpr):
+    if EMULATE:  # the interpreter has no libdevice: tanh from exp (a few fp32 ulps from tanhf)
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(u < 0, -t, t)
+    else:
+        t = libdevice.tanh(u)  # CUDA's tanhf, what torch's GELU kernel calls
+    return t
+
+
+@triton.jit
+def gelu_quant_kernel(x_ptr, q_ptr, s_ptr, C, sx, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+    """grid (M,). x (M, C) -> GELU(x, tanh) in fp32 in torch's operation order, rounded to x's dtype, then
+    quantised per row: q (M, C) e4m3 (fp32 grid values when EMULATE), s (M,) fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < C
+    x_raw = tl.load(x_ptr + row * sx + offs, mask=ok, other=0.0)
+    x = x_raw.to(tl.float32)
+    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))  # sqrt(2 / pi) (x + 0.044715 x^3)
+    g = round_to(0.5 * x * (1.0 + _tanh(inner, EMULATE)), x_raw.dtype, EMULATE)
+    s = tl.maximum(tl.max(tl.abs(g), axis=0) / 448.0, 1e-12)
+    y = tl.math.div_rn(g, tl.zeros_like(g) + s)
+    if EMULATE:
+        tl.store(q_ptr + row * C + offs, round_e4m3(y), mask=ok)
+    else:
+        tl.store(q_ptr + row * C + offs, y.to(tl.float8e4nv), mask=ok)
+    tl.store(s_ptr + row, s)
 
 
 @triton.jit
@@ -112,6 +178,26 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     return out
 
 
+def norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, *,
+                        launch: Launch = direct) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, L, C); shift, scale broadcastable to (B, 1, C) -> (e4m3 (B, L, C), fp32 scale (B, L, 1)): the
+    fp32 norm_modulate output quantised per token as an FP8 linear would, the fp32 row never written."""
+    b, l, c = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    shift, scale = (s.float().expand(b, 1, c) for s in (shift, scale))
+    shift, scale = (s if s.stride(-1) == 1 else s.contiguous() for s in (shift, scale))
+    q = torch.empty((b, l, c), dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((b, l, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(c)
+    if b * l:
+        launch(norm_modulate_quant_kernel)[(b * l,)](
+            x, shift, scale, l, c, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), q, s,
+            EPS=float(eps), BLOCK_C=block, EMULATE=INTERPRET, num_warps=_row_warps(block))
+    # the interpreter's fp32 -> fp8 cast is wrong (triton_attention.round_e4m3): it wrote grid values in fp32
+    return (q.to(torch.float8_e4m3fn) if INTERPRET else q), s
+
+
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                  num_heads: int, *, launch: Launch = direct) -> torch.Tensor:
     """x (B, L, C), weight (C,), cos/sin (L, D/2) -> fp32 (B, L, H, D), D = C / num_heads."""
@@ -132,3 +218,21 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
         x, weight.contiguous(), cos, sin, l, c, d // 2, x.stride(0), x.stride(1), cos.stride(0), out,
         EPS=float(eps), BLOCK_P=block_p, PROD_CODE=prod, EMULATE=INTERPRET, num_warps=_row_warps(2 * block_p))
     return out
+
+
+def gelu_quant(x: torch.Tensor, *, launch: Launch = direct) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., C) bf16/fp16/fp32 -> (e4m3 (..., C), fp32 scale (..., 1)): tanh GELU in x's dtype, quantised per
+    token as an FP8 linear quantises its input; the GELU output itself is never written."""
+    c = x.shape[-1]
+    rows = x.reshape(-1, c)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    q = torch.empty((m, c), dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(c)
+    if m:
+        launch(gelu_quant_kernel)[(m,)](rows, q, s, c, rows.stride(0), BLOCK_C=block, EMULATE=INTERPRET,
+                                        num_warps=_row_warps(block))
+    q = q.to(torch.float8_e4m3fn) if INTERPRET else q
+    return q.view(x.shape), s.view(*x.shape[:-1], 1)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wanrt.kernels.attention import attention
-from wanrt.kernels.fused import norm_modulate, qk_norm_rope, rms_norm_ref
+from wanrt.kernels.fused import gelu_tanh, norm_modulate, qk_norm_rope, rms_norm_ref
 
 from .config import DiTConfig
 
@@ -33,12 +33,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
+    def input_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
 
 def matmul_input_dtype(linear: nn.Module) -> torch.dtype | None:
-    """What `linear` casts its input to: the weight dtype of our casting Linear. None for anything else (an
-    FP8Linear quantises its input per token from whatever precision it gets; rounding it to bf16 first would
-    change the scales): a norm feeding `linear` may emit this dtype directly, the same values."""
-    return linear.weight.dtype if type(linear) is Linear else None
+    """The input format `linear` turns whatever it gets into, so the norm feeding it can emit that directly
+    (the same numbers, fewer bytes): our casting Linear's weight dtype, an FP8Linear's e4m3 (per-token
+    quantised rows, kernels/fp8.QuantizedRows). None for any other module (it takes the fp32 result)."""
+    ask = getattr(linear, "input_dtype", None)
+    return ask() if callable(ask) else None
 
 
 class Conv3d(nn.Conv3d):
@@ -138,7 +142,7 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps=eps)
 
     def input_dtype(self) -> torch.dtype | None:
-        """The dtype the q/k/v projection casts its input to (None: it takes fp32, e.g. FP8 quantisation)."""
+        """The input format of the q/k/v projection (matmul_input_dtype): the norm before it emits that."""
         return matmul_input_dtype(getattr(self, "qkv_proj", None) or self.q)
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
@@ -209,7 +213,9 @@ class WanAttentionBlock(nn.Module):
         y = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.norm1.eps, self.self_attn.input_dtype()), rope)
         x = x + y * gate_sa
         x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn(norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, matmul_input_dtype(self.ffn[0])))
+        # ffn: Linear, GELU(tanh), Linear as the official Sequential; each op writes what the next linear takes
+        h = self.ffn[0](norm_modulate(x, shift_ff, scale_ff, self.norm2.eps, matmul_input_dtype(self.ffn[0])))
+        y = self.ffn[2](gelu_tanh(h, matmul_input_dtype(self.ffn[2])))
         return x + y * gate_ff
 
 
