@@ -12,10 +12,11 @@ Parts (each writes its JSON into --out as soon as it is done, so a timeout keeps
    (cuDNN on Hopper), our Triton flash (bf16) and sage (INT8 Q.K, FP8 P.V) kernels, TFLOP/s, error vs fp32
    on sampled query rows;
 3. profile-2-blocks.json: `wanrt bench --profile`'s per-op-class breakdown of a 2-block full-width DiT
-   step (eager bf16 and fp8 + fused + sage);
+   step (eager bf16 and fp8 + fused + sage + our Triton norm kernels);
 4. dit-step.json (`wanrt bench` schema): full 40-block CFG steps (runtime.step.CFGStep, random 14B weights
    made on the GPU, 1280*720 x 81), one model transformed in place between rows so it is built once:
-   eager bf16 (the reference), eager+fused, eager+fused+fp8, eager+fused+fp8+sage; s/step, x eager,
+   eager bf16 (the reference), eager+fused, eager+fused+fp8, eager+fused+fp8+sage, and that with +triton
+   (the Triton norm/RoPE kernels; the norms and the GELU emit e4m3 rows for the FP8 GEMMs); s/step, x eager,
    rel. L2 / PSNR / max error vs eager. (AOTInductor rows: gpu_all.sh's last step, `wanrt bench`.)
 
 --dry-run: the same code on the CPU with the tiny config at a toy size (FP8 GEMMs emulated, no Triton
@@ -188,7 +189,12 @@ def transform(models, variant: str) -> None:
 
 
 def _attention_of(variant: str) -> str:
-    return "sage" if variant.endswith("+sage") else "sdpa"
+    return "sage" if "sage" in variant.split("+") else "sdpa"
+
+
+def _kernels_of(variant: str) -> str:
+    """+triton: our fused norm/RoPE kernels (with fp8: the norms and GELU emit e4m3 rows for the FP8 GEMMs)."""
+    return "triton" if "triton" in variant.split("+") else "torch"
 
 
 def step_rows(cfg, models, device, size, variants, repeat: int, warmup: int, profile: bool, on_row=None):
@@ -234,17 +240,18 @@ def step_rows(cfg, models, device, size, variants, repeat: int, warmup: int, pro
 def _one_variant(variant, models, inputs, device, info, flops, repeat, warmup, profile, seen):
     """Transform the model into `variant`, time its step, profile it; -> (row, output on the CPU)."""
     from wanrt.bench.runner import Row, _dit_step_case
-    from wanrt.kernels import attention
+    from wanrt.kernels import attention, fused
     from wanrt.runtime.backends import eager
 
     transform(models, variant)
-    new_kernel = _attention_of(variant) not in seen
-    seen.add(_attention_of(variant))
+    kernels = (_attention_of(variant), _kernels_of(variant))
+    new_kernel = kernels not in seen
+    seen.add(kernels)
     calls_before = warmup if new_kernel else 0
     row = Row(variant, "dit_step", device=info.label, flops=flops, peak_tflops=info.peak_bf16_tflops)
     case = _dit_step_case(eager(models).dit, inputs, device)
     row.shape = case.shape
-    with torch.no_grad(), attention.use(_attention_of(variant)):
+    with torch.no_grad(), attention.use(kernels[0]), fused.use(kernels[1]):
         for r in range(calls_before + repeat):
             case.reset()
             _sync(device)
@@ -327,8 +334,9 @@ def main() -> int:
         torch.cuda.empty_cache()
     if "profile" in parts:
         cfg2, models = make_dit(cfg, device, 2)
-        rows, info = step_rows(cfg2, models, device, size, ("eager", "eager+fused+fp8+sage" if device.type == "cuda"
-                                                            else "eager+fused+fp8"), 1, 1, profile=True)
+        rows, info = step_rows(cfg2, models, device, size, ("eager", "eager+fused+fp8+sage+triton"
+                                                            if device.type == "cuda" else "eager+fused+fp8+triton"),
+                               1, 1, profile=True)
         write(out, "profile-2-blocks.json", report_json(rows, info, cfg2, size, [r.backend for r in rows], 1, 1,
                                                         command, ["2-block DiT, per-op-class profile"]))
         del models
@@ -339,6 +347,7 @@ def main() -> int:
         variants = ["eager", "eager+fused", "eager+fused+fp8"]
         if device.type == "cuda":
             variants.append("eager+fused+fp8+sage")
+        variants.append(variants[-1] + "+triton")  # the norms/GELU quantising for the FP8 GEMMs (exact)
         notes = ["random weights; rows share one model transformed in place (fusion and fp8 are load-time "
                  "transforms); eager+fused+fp8 is the fp8 GEMM row (fusion is exact, tests/test_fusion.py); "
                  "warm-up calls only before a variant that brings a new attention kernel"]
