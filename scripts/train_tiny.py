@@ -216,8 +216,13 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     dit = WanDiT(cfg).train()
     if init is None:
         train.init_dit(dit)
-    else:  # a second run continues from the first run's EMA weights
-        dit.load_state_dict(torch.load(init, weights_only=True))
+    else:  # a second run continues from the first run's EMA weights (or another trained DiT, --varied_init)
+        if init.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            dit.load_state_dict(load_file(str(init)))
+        else:
+            dit.load_state_dict(torch.load(init, weights_only=True))
     ema = train.EMA(dit, args.ema)
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ropes = {}
@@ -285,8 +290,12 @@ def stage_dit(args, workdir: Path) -> None:
 def stage_varied(args, workdir: Path) -> None:
     """The second run: the first run's DiT on every trained size and length and the varied scenes."""
     if args.varied_steps:
+        init = Path(args.varied_init) if args.varied_init else workdir / "dit_ema.pt"
+        if not init.is_file():
+            raise SystemExit(f"error: the second run starts from {init}, which does not exist: run stage dit first "
+                             "(or pass --varied_init with a trained DiT)")
         train_dit(args, workdir, "varied", "varied_latents.pt", train.VARIED_GROUPS, args.varied_steps,
-                  args.varied_lr, workdir / "dit_ema.pt", args.varied_given_weight)
+                  args.varied_lr, init, args.varied_given_weight)
 
 
 def stage_export(args, workdir: Path) -> None:
@@ -373,6 +382,10 @@ def main() -> None:
     p.add_argument("--varied_clips", type=int, default=3200, help="clips of the second run over all its groups")
     p.add_argument("--varied_steps", type=int, default=8000, help="second-run DiT steps (0: ship the first run)")
     p.add_argument("--varied_lr", type=float, default=1e-3)
+    p.add_argument("--varied_init", default=None,
+                   help="DiT weights the second run starts from (.pt or the official .safetensors; default: the "
+                        "first run's EMA in --workdir). With a new VAE, a DiT trained on another VAE's latents "
+                        "still carries the conditioning it learned, and stages latents/dit can be skipped")
     p.add_argument("--varied_given_weight", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--prompt_dropout", type=float, default=0.1)
