@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_attention import INTERPRET, Launch, direct, round_e4m3, round_to
+from .triton_attention import INTERPRET, Launch, direct, round_to
+from .triton_quant import store_quantized_row
 
 # dtype codes for constexprs (plain ints keep Inductor's and the AOT compiler's signatures simple)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -82,16 +83,7 @@ def norm_modulate_quant_kernel(x_ptr, shift_ptr, scale_ptr,
     s (B*L,) fp32 = max(amax / 448, 1e-12)."""
     row = tl.program_id(0)
     out = _modulated_row(x_ptr, shift_ptr, scale_ptr, row, L, C, sxb, sxl, ssb, scb, EPS, BLOCK_C, EMULATE)
-    offs = tl.arange(0, BLOCK_C)
-    ok = offs < C
-    out = tl.where(ok, out, 0.0)
-    s = tl.maximum(tl.max(tl.abs(out), axis=0) / 448.0, 1e-12)
-    y = tl.math.div_rn(out, tl.zeros_like(out) + s)
-    if EMULATE:
-        tl.store(q_ptr + row.to(tl.int64) * C + offs, round_e4m3(y), mask=ok)
-    else:
-        tl.store(q_ptr + row.to(tl.int64) * C + offs, y.to(tl.float8e4nv), mask=ok)
-    tl.store(s_ptr + row, s)
+    store_quantized_row(tl.where(tl.arange(0, BLOCK_C) < C, out, 0.0), q_ptr, s_ptr, row, C, BLOCK_C, EMULATE)
 
 
 @triton.jit
@@ -116,13 +108,7 @@ def gelu_quant_kernel(x_ptr, q_ptr, s_ptr, C, sx, BLOCK_C: tl.constexpr, EMULATE
     x = x_raw.to(tl.float32)
     inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))  # sqrt(2 / pi) (x + 0.044715 x^3)
     g = round_to(0.5 * x * (1.0 + _tanh(inner, EMULATE)), x_raw.dtype, EMULATE)
-    s = tl.maximum(tl.max(tl.abs(g), axis=0) / 448.0, 1e-12)
-    y = tl.math.div_rn(g, tl.zeros_like(g) + s)
-    if EMULATE:
-        tl.store(q_ptr + row * C + offs, round_e4m3(y), mask=ok)
-    else:
-        tl.store(q_ptr + row * C + offs, y.to(tl.float8e4nv), mask=ok)
-    tl.store(s_ptr + row, s)
+    store_quantized_row(g, q_ptr, s_ptr, row, C, BLOCK_C, EMULATE)
 
 
 @triton.jit

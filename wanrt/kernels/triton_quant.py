@@ -23,19 +23,27 @@ SCALE_MIN = 1e-12
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, C, sx, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def store_quantized_row(x, q_ptr, s_ptr, row, C, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+    """Quantise one fp32 row held in registers (0 past C) and store it: q_ptr[row, :C] e4m3 (fp32 grid
+    values when EMULATE), s_ptr[row] its scale. Shared by every kernel that ends in an FP8 GEMM input."""
+    row = row.to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     ok = offs < C
-    x = tl.load(x_ptr + row * sx + offs, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(amax / 448.0, 1e-12)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
     y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
     if EMULATE:
         tl.store(q_ptr + row * C + offs, round_e4m3(y), mask=ok)
     else:
         tl.store(q_ptr + row * C + offs, y.to(tl.float8e4nv), mask=ok)
     tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, C, sx, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    x = tl.load(x_ptr + row * sx + offs, mask=offs < C, other=0.0).to(tl.float32)
+    store_quantized_row(x, q_ptr, s_ptr, row, C, BLOCK_C, EMULATE)
 
 
 def _row_warps(block: int) -> int:
