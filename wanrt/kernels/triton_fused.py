@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .triton_attention import INTERPRET, Launch, direct, round_to
-from .triton_quant import store_quantized_row
+from .triton_quant import as_e4m3, empty_quantized, store_quantized_row
 
 # dtype codes for constexprs (plain ints keep Inductor's and the AOT compiler's signatures simple)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -173,15 +173,13 @@ def norm_modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         x = x.contiguous()
     shift, scale = (s.float().expand(b, 1, c) for s in (shift, scale))
     shift, scale = (s if s.stride(-1) == 1 else s.contiguous() for s in (shift, scale))
-    q = torch.empty((b, l, c), dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((b, l, 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized((b, l, c), x.device)
     block = triton.next_power_of_2(c)
     if b * l:
         launch(norm_modulate_quant_kernel)[(b * l,)](
             x, shift, scale, l, c, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), q, s,
             EPS=float(eps), BLOCK_C=block, EMULATE=INTERPRET, num_warps=_row_warps(block))
-    # the interpreter's fp32 -> fp8 cast is wrong (triton_attention.round_e4m3): it wrote grid values in fp32
-    return (q.to(torch.float8_e4m3fn) if INTERPRET else q), s
+    return as_e4m3(q), s
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
@@ -214,11 +212,9 @@ def gelu_quant(x: torch.Tensor, *, launch: Launch = direct) -> tuple[torch.Tenso
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
-    q = torch.empty((m, c), dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized((m, c), x.device)
     block = triton.next_power_of_2(c)
     if m:
         launch(gelu_quant_kernel)[(m,)](rows, q, s, c, rows.stride(0), BLOCK_C=block, EMULATE=INTERPRET,
                                         num_warps=_row_warps(block))
-    q = q.to(torch.float8_e4m3fn) if INTERPRET else q
-    return q.view(x.shape), s.view(*x.shape[:-1], 1)
+    return as_e4m3(q).view(x.shape), s.view(*x.shape[:-1], 1)

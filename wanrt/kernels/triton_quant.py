@@ -50,6 +50,17 @@ def _row_warps(block: int) -> int:
     return 4 if block <= 2048 else (8 if block <= 8192 else 16)
 
 
+def empty_quantized(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs for store_quantized_row: q `shape` (fp32 under the interpreter, whose fp32 -> fp8 cast is wrong:
+    the kernel writes grid values, `as_e4m3` casts them exactly) and the scales (*shape[:-1], 1) fp32."""
+    q = torch.empty(shape, dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn, device=device)
+    return q, torch.empty((*shape[:-1], 1), dtype=torch.float32, device=device)
+
+
+def as_e4m3(q: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float8_e4m3fn) if INTERPRET else q
+
+
 def quantize_rows(x: torch.Tensor, *, launch: Launch = direct) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) fp32/bf16/fp16 -> (e4m3 (M, K), fp32 scale (M, 1)), one scale per row."""
     if x.dim() != 2:
@@ -57,13 +68,12 @@ def quantize_rows(x: torch.Tensor, *, launch: Launch = direct) -> tuple[torch.Te
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, c = x.shape
-    q = torch.empty((m, c), dtype=torch.float32 if INTERPRET else torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, scale = empty_quantized((m, c), x.device)
     block = triton.next_power_of_2(c)
     if m:
         launch(quantize_rows_kernel)[(m,)](x, q, scale, c, x.stride(0), BLOCK_C=block, EMULATE=INTERPRET,
                                            num_warps=_row_warps(block))
-    return (q.to(torch.float8_e4m3fn) if INTERPRET else q), scale
+    return as_e4m3(q), scale
 
 
 def _runs_triton(t: torch.Tensor) -> bool:
