@@ -7,6 +7,8 @@
 Stages (each saves its result in --workdir, so an interrupted run continues where it stopped):
   base     random T5 + CLIP (+ tokenizer) of the tiny config, seeded; they stay frozen (see wanrt/tiny/train.py)
   vae      the VAE as an autoencoder through its causal chunked path
+  vae_long its decoder fine-tuned on whole 9-21 frame clips, the encoder frozen (--vae_long_steps; 0 skips):
+           latents encoded before, and a DiT trained on them, stay valid (-> vae_long.pth, used from then on)
   vae_eval the VAE alone on the held-out target clips (vae_eval.json)
   latents  pre-encode the DiT training clips exactly as the pipeline does (latent, [first, zeros, last]
            latent + mask, CLIP tokens, T5 contexts of all prompts and of the negative prompt)
@@ -42,7 +44,7 @@ from wanrt.models.dit import WanDiT  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
 from wanrt.tiny import data, train  # noqa: E402
 
-STAGES = ("base", "vae", "vae_eval", "latents", "dit", "varied_latents", "varied", "export")
+STAGES = ("base", "vae", "vae_long", "vae_eval", "latents", "dit", "varied_latents", "varied", "export")
 
 
 def log(msg: str) -> None:
@@ -60,9 +62,16 @@ def load_models(workdir: Path, vae: bool = True):
     """The frozen encoders (and tokenizer) exactly as the pipeline will load them from the checkpoint
     (T5 round-tripped through its bf16 file), plus the trained VAE when there is one."""
     models = loading.load(workdir / "base")
-    if vae and (workdir / "vae.pth").is_file():
-        models.vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
+    path = vae_path(workdir)
+    if vae and path.is_file():
+        models.vae.load_state_dict(torch.load(path, weights_only=True))
     return models
+
+
+def vae_path(workdir: Path) -> Path:
+    """The trained VAE: the long-clip fine-tune when stage vae_long has run, else stage vae's."""
+    long = workdir / "vae_long.pth"
+    return long if long.is_file() else workdir / "vae.pth"
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -125,6 +134,54 @@ def stage_vae(args, workdir: Path) -> None:
     (workdir / "vae_history.json").write_text(json.dumps(history))
 
 
+def stage_vae_long(args, workdir: Path) -> None:
+    """Stage vae's VAE, its decoder (conv2 + decoder) trained on whole clips of 9-21 frames
+    (train.vae_clip_batch) with the encoder frozen: a 17-frame clip decodes its last frame after four
+    cached chunks, which windows of <= 9 frames never train (v3 VAE alone: last frames down to 21 dB)."""
+    final = workdir / "vae_long.pth"
+    if final.is_file() or not args.vae_long_steps:
+        return
+    vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
+    vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
+    vae.train()
+    decoder = [*vae.conv2.parameters(), *vae.decoder.parameters()]
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=args.vae_long_lr, weight_decay=0.0)
+    state_path, history, start = workdir / "vae_long_state.pt", [], 0
+    if state_path.is_file():  # resume
+        st = torch.load(state_path, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        history, start = st["history"], st["step"]
+        log(f"vae_long: resuming at step {start}")
+    steps, t0 = args.vae_long_steps, time.time()
+    with train.fast_vae_norm():
+        for step in range(start, steps):
+            for g in opt.param_groups:
+                g["lr"] = train.cosine_lr(step, steps, args.vae_long_lr, warmup=20)
+            torch.manual_seed(args.seed * 1_000_003 + 700_000 + step)  # latent noise, reproducible across resumes
+            crop = 32 if step < steps - args.vae_long_full_steps else None
+            video, weight = train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop)
+            loss = train.vae_loss(vae, video, weight, train_encoder=False)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+            opt.step()
+            history.append((step, loss.recon, loss.psnr, loss.moments))
+            if step % 25 == 0 or step == steps - 1:
+                recent = history[-25:]
+                log(f"vae_long {step:5d}/{steps}  recon {np.mean([h[1] for h in recent]):.4f}  "
+                    f"psnr {np.mean([h[2] for h in recent]):.2f} dB  ({time.time() - t0:.0f} s)")
+            if (step + 1) % 50 == 0:
+                torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "history": history,
+                            "step": step + 1}, state_path)
+    torch.save(vae.state_dict(), final)
+    (workdir / "vae_long_history.json").write_text(json.dumps(history))
+
+
 def stage_vae_eval(args, workdir: Path) -> None:
     """The trained VAE alone on the held-out target clips (scripts/eval_tiny.py --targets, its "vae" rows): the
     bound on what any DiT trained on its latents can reach. -> vae_eval.json, one line per size."""
@@ -132,7 +189,7 @@ def stage_vae_eval(args, workdir: Path) -> None:
     from wanrt.runtime.backends import eager
     from wanrt.tiny import evaluate
 
-    final = workdir / "vae_eval.json"
+    final = workdir / ("vae_long_eval.json" if vae_path(workdir).name == "vae_long.pth" else "vae_eval.json")
     if final.is_file():
         return
     models = load_models(workdir)
@@ -234,13 +291,16 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
         opt.load_state_dict(st["opt"])
         history, start = st["history"], st["step"]
         log(f"{tag}: resuming at step {start}")
-    salt = 7 if init is None else 11  # the first run's data order is unchanged by the second run's existence
+    # the first run's data order is unchanged by the second run's existence; a run continuing the second
+    # (--varied_init its EMA, another --varied_salt) draws other batches and noise than the one it continues
+    salt = 7 if init is None else args.varied_salt
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = train.cosine_lr(step, steps, lr, warmup=100)
         rng = np.random.default_rng([args.seed, salt, step])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + (0 if init is None else 500_000))
+        offset = 0 if init is None else 500_000 * (salt - 10)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + offset)
         key = keys[rng.choice(len(keys), p=shares / shares.sum())]
         g = sets[key]
         idx = torch.from_numpy(rng.integers(0, len(g.x0), args.dit_batch))
@@ -375,6 +435,11 @@ def main() -> None:
     p.add_argument("--vae_res_blocks", type=int, default=1, help="VAE residual blocks per level")
     p.add_argument("--vae_varied", action="store_true",
                    help="train the VAE on the second run's data (every size, varied scenes) too")
+    p.add_argument("--vae_long_steps", type=int, default=0,
+                   help="stage vae_long: decoder steps on whole 9-21 frame clips, encoder frozen (0: skip)")
+    p.add_argument("--vae_long_full_steps", type=int, default=100, help="last vae_long steps on whole frames")
+    p.add_argument("--vae_long_batch", type=int, default=4)
+    p.add_argument("--vae_long_lr", type=float, default=3e-4)
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)
@@ -386,6 +451,8 @@ def main() -> None:
                    help="DiT weights the second run starts from (.pt or the official .safetensors; default: the "
                         "first run's EMA in --workdir). With a new VAE, a DiT trained on another VAE's latents "
                         "still carries the conditioning it learned, and stages latents/dit can be skipped")
+    p.add_argument("--varied_salt", type=int, default=11,
+                   help="data-order salt of the second run (>= 11; another value for a run that continues one)")
     p.add_argument("--varied_given_weight", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--prompt_dropout", type=float, default=0.1)

@@ -123,6 +123,27 @@ def test_compact_training_forward_equals_the_model_forward(pipe):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_decoder_fine_tune_trains_the_decoder_on_whole_clips_and_leaves_the_encoder_alone():
+    """Stage vae_long (scripts/train_tiny.py): whole clips from their first frame, the given last frame weighed
+    up, and no gradient into the encoder, so latents a DiT was trained on stay valid."""
+    from wanrt.models.vae import WanVAE
+
+    video, weight = train.vae_clip_batch(0, 2, 0, crop=16)
+    t = video.shape[2]
+    assert video.shape == (2, 3, t, 16, 16) and t in (9, 13, 17, 21)
+    assert torch.equal(video, train.vae_clip_batch(0, 2, 0, crop=16)[0])  # seeded by (seed, step)
+    # key frames x2 (1 + key_weight), the last frame x3 more; a plain middle frame keeps weight 1 off the object
+    assert weight[:, :, -1].min() == 6.0 and weight[:, :, 1].min() == 1.0
+    torch.manual_seed(0)
+    vae = WanVAE(train.trained_config().vae)
+    for train_encoder in (False, True):
+        vae.zero_grad(set_to_none=True)
+        train.vae_loss(vae, video, weight, train_encoder=train_encoder).total.backward()
+        encoder = [p.grad for p in [*vae.encoder.parameters(), *vae.conv1.parameters()]]
+        assert all(g is None for g in encoder) != train_encoder
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.conv2.parameters())
+
+
 def test_trained_model_fills_in_the_motion(pipe):
     summary, scores = evaluate.evaluate(pipe, data.heldout_seeds(4), steps=6)
     for s in scores:

@@ -188,6 +188,31 @@ def vae_batch(step: int, batch: int, seed: int, crop: int | None = None, object_
     return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
 
 
+def vae_clip_batch(step: int, batch: int, seed: int, crop: int | None = None, object_weight: float = 4.0,
+                   key_weight: float = 1.0, last_weight: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `vae_batch` (varied), but whole clips of 9, 13, 17 or 21 frames from their first frame: the
+    pipeline decodes a generated clip in one pass of 1 + 4k frames, so its last frame comes out after up
+    to five cached chunks, a path `vae_batch`'s windows of at most 9 frames never train. The clip's last
+    frame (the user's given last frame) weighs `last_weight` more on top of the key frames' weight."""
+    rng = np.random.default_rng([seed, 3, step])
+    t = int(rng.choice([9, 13, 17, 21], p=[0.15, 0.2, 0.4, 0.25]))
+    w, h = _SIZES[int(rng.choice(len(_SIZES), p=[a for _, _, a in _SIZES]))][:2]
+    vids, masks = [], []
+    for _ in range(batch):
+        clip = varied_clip(int(rng.integers(data.TRAIN_SEEDS.stop)), t, w, h)
+        v = clip.frames
+        m = data.object_mask(v, clip.background, threshold=8)
+        if crop:
+            y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            v, m = v[:, y0:y0 + crop, x0:x0 + crop], m[:, y0:y0 + crop, x0:x0 + crop]
+        vids.append(v)
+        masks.append(m)
+    weight = 1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
+    weight[:, :, ::4] *= 1.0 + key_weight
+    weight[:, :, -1] *= 1.0 + last_weight
+    return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
+
+
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(B, F, H, W, 3) uint8 -> (B, 3, F, H, W) float in [-1, 1], the pipeline's load_image scaling."""
     return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float().div(255).sub(0.5).div(0.5)
@@ -202,8 +227,13 @@ class VAELoss:
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor | None = None, latent_noise: float = 0.1,
-             moment_weight: float = 0.05) -> VAELoss:
-    z = vae_encode_train(vae, video)
+             moment_weight: float = 0.05, train_encoder: bool = True) -> VAELoss:
+    """train_encoder=False: the encoder is frozen (no gradients, no moment term), so latents encoded
+    before (and a DiT trained on them) stay valid while the decoder trains."""
+    with contextlib.nullcontext() if train_encoder else torch.no_grad():
+        z = vae_encode_train(vae, video)
+    if not train_encoder:
+        moment_weight = 0.0
     # Noise on the latent: the decoder must tolerate the DiT's imperfect latents, and it keeps the
     # encoder from hiding information in tiny latent differences.
     zn = z + latent_noise * torch.randn_like(z)
