@@ -390,7 +390,7 @@ def plot(workdir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(n, json.loads((workdir / f"{n}_history.json").read_text())) for n in ("vae", "dit", "varied")
+    runs = [(n, json.loads((workdir / f"{n}_history.json").read_text())) for n in ("vae", "vae_long", "dit", "varied")
             if (workdir / f"{n}_history.json").is_file()]
     if not runs:
         return
@@ -401,18 +401,19 @@ def plot(workdir: Path) -> None:
         return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) > k else v
 
     for ax, (name, hist) in zip(axes[0], runs):
-        if name == "vae":
+        if name.startswith("vae"):
             ax.plot(smooth([h[2] for h in hist]), label="reconstruction PSNR (dB)")
-            ax.set_xlabel("VAE step (32x32 crops, then whole 64x64 frames)")
+            ax.set_xlabel(f"{'VAE' if name == 'vae' else 'decoder'} step (32x32 crops, then whole frames)")
             ax.set_ylabel("training-batch PSNR (dB)")
-            ax.set_title("VAE (autoencoder on synthetic clips)")
+            ax.set_title("VAE (autoencoder on synthetic clips)" if name == "vae" else
+                         "VAE decoder on whole 9-21 frame clips (encoder frozen)")
         else:
             ax.semilogy(smooth([h[1] for h in hist]), label="velocity MSE (weighted)")
             x0 = [h[2] for h in hist]
             ax.semilogy(smooth([v for v in x0 if not math.isnan(v)]), label="x0 MSE at sigma > 0.8")
             ax.set_xlabel("DiT step")
             ax.set_title("DiT, first run (flow matching, FLF2V conditioning)" if name == "dit" else
-                         "DiT, second run (every size and length, varied scenes)")
+                         "DiT on every size and length, varied scenes")
             ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "a065c4161d70528cf14571c3afe4e10aeeebe08e321a8d73042c8a4a94d3e27c"
+TRAINED_SHA256 = "5368266b645d47bfb244ec3c6a3ef277f99ffd7c4d37e5d9016fdacab3472803"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's

@@ -26,7 +26,8 @@ output instead, per branch, and measured on the trained tiny model which of two 
 closer to the uncached video (scripts/cache_tradeoff.py, README "Step caching"):
   - "velocity": reuse the last computed velocity v_j as is;
   - "residual": reuse the DiT's output minus its input, v_k = x_k + (v_j - x_j).
-REUSE names the winner, used by the pipeline.
+REUSE names the one the pipeline uses: "velocity", the higher mean PSNR at every threshold up to the tiny
+model's default 0.02 ("residual" is higher from 0.05 up).
 """
 
 from __future__ import annotations
