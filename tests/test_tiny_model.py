@@ -179,7 +179,7 @@ README_TABLE = {4: (33.6, 28.2, 23.2, 24.0, 3.0), 10: (33.6, 29.5, 24.7, 26.5, 2
 README_STATIC = (22.9, 15.6)  # the static video (first frame repeated): middle frames PSNR, centroid error
 
 
-# 10 steps in the default suite (~45 s on 2 idle cores since the VAE got 4x wider); 4 and 50 with -m slow
+# 10 steps in the default suite (39 s on 2 idle cores since the VAE got 4x wider); 4 and 50 with -m slow
 @pytest.mark.parametrize("steps", [pytest.param(4, marks=pytest.mark.slow), 10,
                                    pytest.param(50, marks=pytest.mark.slow)])
 def test_readme_metric_table(pipe, steps):
@@ -207,7 +207,7 @@ def test_readme_metric_table(pipe, steps):
 README_TARGETS_64 = {"model": (30.7, 26.4, 52, 108, 0.17, 6), "vae": (30.6, 28.2, 3, 104, 0.03, 11)}
 
 
-@pytest.mark.parametrize("kind", ["model", "vae"])  # ~25 s and ~5 s
+@pytest.mark.parametrize("kind", ["model", "vae"])  # 37 s and 27 s on 2 idle cores
 def test_readme_target_rows_at_64x64(pipe, kind):
     """Seeded end to end like the table above. Tolerances: 0.3 dB, 0.6 colour levels and 0.006 of the travel
     (the table rounds to 0.1 / 1 / 0.01), 6 of the 300 frames and one clip (another CPU's float summation can
