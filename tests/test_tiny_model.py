@@ -179,7 +179,7 @@ README_TABLE = {4: (33.6, 28.2, 23.2, 24.0, 3.0), 10: (33.6, 29.5, 24.7, 26.5, 2
 README_STATIC = (22.9, 15.6)  # the static video (first frame repeated): middle frames PSNR, centroid error
 
 
-# 10 steps in the default suite (39 s on 2 idle cores since the VAE got 4x wider); 4 and 50 with -m slow
+# 10 steps in the default suite (39 s on 2 idle cores since the VAE got twice as wide and deep); 4 and 50 with -m slow
 @pytest.mark.parametrize("steps", [pytest.param(4, marks=pytest.mark.slow), 10,
                                    pytest.param(50, marks=pytest.mark.slow)])
 def test_readme_metric_table(pipe, steps):
