@@ -92,54 +92,64 @@ def stage_base(args, workdir: Path) -> None:
     tmp.rename(workdir / "base")
 
 
-def stage_vae(args, workdir: Path) -> None:
-    final = workdir / "vae.pth"
-    if final.is_file():
-        return
-    torch.manual_seed(args.seed)
-    vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae).train()
-    train.init_vae(vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    state_path, history, start = workdir / "vae_state.pt", [], 0
+def train_vae(args, workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr: float, warmup: int,
+              noise_seed: int, batch_of, train_encoder: bool = True, log_every: int = 50, save_every: int = 100
+              ) -> None:
+    """AdamW on `params` with a cosine schedule, resumable from <tag>_state.pt; batch_of(step) -> (video,
+    weight); the latent noise is seeded by noise_seed + step. -> <tag>.pth, <tag>_history.json."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    state_path, history, start = workdir / f"{tag}_state.pt", [], 0
     if state_path.is_file():  # resume
         st = torch.load(state_path, weights_only=False)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         history, start = st["history"], st["step"]
-        log(f"vae: resuming at step {start}")
+        log(f"{tag}: resuming at step {start}")
     t0 = time.time()
     with train.fast_vae_norm():
-        for step in range(start, args.vae_steps):
+        for step in range(start, steps):
             for g in opt.param_groups:
-                g["lr"] = train.cosine_lr(step, args.vae_steps, args.vae_lr, warmup=50)
-            torch.manual_seed(args.seed * 1_000_003 + step)  # latent noise, reproducible across resumes
-            # crops for most steps, whole frames at the end (the middle attention sees the full 8x8 grid)
-            crop = 32 if step < args.vae_steps - args.vae_full_steps else None
-            video, weight = train.vae_batch(step, args.vae_batch, args.seed, crop, varied=args.vae_varied)
-            loss = train.vae_loss(vae, video, weight)
+                g["lr"] = train.cosine_lr(step, steps, lr, warmup=warmup)
+            torch.manual_seed(noise_seed + step)  # latent noise, reproducible across resumes
+            video, weight = batch_of(step)
+            loss = train.vae_loss(vae, video, weight, train_encoder=train_encoder)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             history.append((step, loss.recon, loss.psnr, loss.moments))
-            if step % 50 == 0 or step == args.vae_steps - 1:
-                recent = history[-50:]
-                log(f"vae {step:5d}/{args.vae_steps}  recon {np.mean([h[1] for h in recent]):.4f}  "
+            if step % log_every == 0 or step == steps - 1:
+                recent = history[-log_every:]
+                log(f"{tag} {step:5d}/{steps}  recon {np.mean([h[1] for h in recent]):.4f}  "
                     f"psnr {np.mean([h[2] for h in recent]):.2f} dB  moments {np.mean([h[3] for h in recent]):.3f}  "
                     f"({time.time() - t0:.0f} s)")
-            if (step + 1) % 100 == 0:
+            if (step + 1) % save_every == 0:
                 torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "history": history,
                             "step": step + 1}, state_path)
-    torch.save(vae.state_dict(), final)
-    (workdir / "vae_history.json").write_text(json.dumps(history))
+    torch.save(vae.state_dict(), workdir / f"{tag}.pth")
+    (workdir / f"{tag}_history.json").write_text(json.dumps(history))
+
+
+def stage_vae(args, workdir: Path) -> None:
+    if (workdir / "vae.pth").is_file():
+        return
+    torch.manual_seed(args.seed)
+    vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae).train()
+    train.init_vae(vae)
+
+    def batch_of(step):  # crops for most steps, whole frames at the end (the middle attention sees the 8x8 grid)
+        crop = 32 if step < args.vae_steps - args.vae_full_steps else None
+        return train.vae_batch(step, args.vae_batch, args.seed, crop, varied=args.vae_varied)
+
+    train_vae(args, workdir, "vae", vae, list(vae.parameters()), args.vae_steps, args.vae_lr, 50,
+              args.seed * 1_000_003, batch_of)
 
 
 def stage_vae_long(args, workdir: Path) -> None:
     """Stage vae's VAE, its decoder (conv2 + decoder) trained on whole clips of 9-21 frames
     (train.vae_clip_batch) with the encoder frozen: a 17-frame clip decodes its last frame after four
     cached chunks, which windows of <= 9 frames never train (v3 VAE alone: last frames down to 21 dB)."""
-    final = workdir / "vae_long.pth"
-    if final.is_file() or not args.vae_long_steps:
+    if (workdir / "vae_long.pth").is_file() or not args.vae_long_steps:
         return
     vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
     vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
@@ -149,37 +159,14 @@ def stage_vae_long(args, workdir: Path) -> None:
         p.requires_grad_(False)
     for p in decoder:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(decoder, lr=args.vae_long_lr, weight_decay=0.0)
-    state_path, history, start = workdir / "vae_long_state.pt", [], 0
-    if state_path.is_file():  # resume
-        st = torch.load(state_path, weights_only=False)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        history, start = st["history"], st["step"]
-        log(f"vae_long: resuming at step {start}")
-    steps, t0 = args.vae_long_steps, time.time()
-    with train.fast_vae_norm():
-        for step in range(start, steps):
-            for g in opt.param_groups:
-                g["lr"] = train.cosine_lr(step, steps, args.vae_long_lr, warmup=20)
-            torch.manual_seed(args.seed * 1_000_003 + 700_000 + step)  # latent noise, reproducible across resumes
-            crop = 32 if step < steps - args.vae_long_full_steps else None
-            video, weight = train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop)
-            loss = train.vae_loss(vae, video, weight, train_encoder=False)
-            opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            torch.nn.utils.clip_grad_norm_(decoder, 1.0)
-            opt.step()
-            history.append((step, loss.recon, loss.psnr, loss.moments))
-            if step % 25 == 0 or step == steps - 1:
-                recent = history[-25:]
-                log(f"vae_long {step:5d}/{steps}  recon {np.mean([h[1] for h in recent]):.4f}  "
-                    f"psnr {np.mean([h[2] for h in recent]):.2f} dB  ({time.time() - t0:.0f} s)")
-            if (step + 1) % 50 == 0:
-                torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "history": history,
-                            "step": step + 1}, state_path)
-    torch.save(vae.state_dict(), final)
-    (workdir / "vae_long_history.json").write_text(json.dumps(history))
+    steps = args.vae_long_steps
+
+    def batch_of(step):
+        crop = 32 if step < steps - args.vae_long_full_steps else None
+        return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop)
+
+    train_vae(args, workdir, "vae_long", vae, decoder, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
+              batch_of, train_encoder=False, log_every=25, save_every=50)
 
 
 def stage_vae_eval(args, workdir: Path) -> None:

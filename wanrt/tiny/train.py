@@ -172,19 +172,33 @@ def vae_batch(step: int, batch: int, seed: int, crop: int | None = None, object_
     else:
         w, h = (64, 48) if rng.random() < 0.3 else (64, 64)
     make = varied_clip if varied else data.make_clip
-    vids, masks = [], []
-    for _ in range(batch):
+
+    def draw():
         clip = make(int(rng.integers(data.TRAIN_SEEDS.stop)), data.FRAMES, w, h)
         start = int(rng.integers(0, data.FRAMES - t + 1))
-        v = clip.frames[start:start + t]
-        m = data.object_mask(v, clip.background, threshold=8)
+        return clip.frames[start:start + t], clip.background
+
+    return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight)
+
+
+def _weighted_batch(draw, rng: np.random.Generator, batch: int, width: int, height: int, crop: int | None,
+                    object_weight: float, key_weight: float, last_weight: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` clips from draw() -> (frames, background), each cropped to a random crop x crop window (rng, after
+    draw's own draws), and their pixel weights: object pixels 1 + object_weight, frames 0, 4, 8, ... times
+    1 + key_weight, the last frame times 1 + last_weight more."""
+    vids, masks = [], []
+    for _ in range(batch):
+        v, background = draw()
+        m = data.object_mask(v, background, threshold=8)
         if crop:
-            y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            y0, x0 = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
             v, m = v[:, y0:y0 + crop, x0:x0 + crop], m[:, y0:y0 + crop, x0:x0 + crop]
         vids.append(v)
         masks.append(m)
     weight = 1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
     weight[:, :, ::4] *= 1.0 + key_weight
+    weight[:, :, -1] *= 1.0 + last_weight
     return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
 
 
@@ -197,20 +211,12 @@ def vae_clip_batch(step: int, batch: int, seed: int, crop: int | None = None, ob
     rng = np.random.default_rng([seed, 3, step])
     t = int(rng.choice([9, 13, 17, 21], p=[0.15, 0.2, 0.4, 0.25]))
     w, h = _SIZES[int(rng.choice(len(_SIZES), p=[a for _, _, a in _SIZES]))][:2]
-    vids, masks = [], []
-    for _ in range(batch):
+
+    def draw():
         clip = varied_clip(int(rng.integers(data.TRAIN_SEEDS.stop)), t, w, h)
-        v = clip.frames
-        m = data.object_mask(v, clip.background, threshold=8)
-        if crop:
-            y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-            v, m = v[:, y0:y0 + crop, x0:x0 + crop], m[:, y0:y0 + crop, x0:x0 + crop]
-        vids.append(v)
-        masks.append(m)
-    weight = 1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
-    weight[:, :, ::4] *= 1.0 + key_weight
-    weight[:, :, -1] *= 1.0 + last_weight
-    return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
+        return clip.frames, clip.background
+
+    return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight, last_weight)
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
