@@ -92,7 +92,7 @@ def stage_base(args, workdir: Path) -> None:
     tmp.rename(workdir / "base")
 
 
-def train_vae(args, workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr: float, warmup: int,
+def train_vae(workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr: float, warmup: int,
               noise_seed: int, batch_of, train_encoder: bool = True, log_every: int = 50, save_every: int = 100
               ) -> None:
     """AdamW on `params` with a cosine schedule, resumable from <tag>_state.pt; batch_of(step) -> (video,
@@ -141,7 +141,7 @@ def stage_vae(args, workdir: Path) -> None:
         crop = 32 if step < args.vae_steps - args.vae_full_steps else None
         return train.vae_batch(step, args.vae_batch, args.seed, crop, varied=args.vae_varied)
 
-    train_vae(args, workdir, "vae", vae, list(vae.parameters()), args.vae_steps, args.vae_lr, 50,
+    train_vae(workdir, "vae", vae, list(vae.parameters()), args.vae_steps, args.vae_lr, 50,
               args.seed * 1_000_003, batch_of)
 
 
@@ -165,7 +165,7 @@ def stage_vae_long(args, workdir: Path) -> None:
         crop = 32 if step < steps - args.vae_long_full_steps else None
         return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop)
 
-    train_vae(args, workdir, "vae_long", vae, decoder, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
+    train_vae(workdir, "vae_long", vae, decoder, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
               batch_of, train_encoder=False, log_every=25, save_every=50)
 
 
