@@ -154,11 +154,7 @@ def stage_vae_long(args, workdir: Path) -> None:
     vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
     vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
     vae.train()
-    decoder = [*vae.conv2.parameters(), *vae.decoder.parameters()]
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in decoder:
-        p.requires_grad_(True)
+    decoder = [*vae.conv2.parameters(), *vae.decoder.parameters()]  # the encoder runs under no_grad (vae_loss)
     steps = args.vae_long_steps
 
     def batch_of(step):
