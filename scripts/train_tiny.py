@@ -159,7 +159,7 @@ def stage_vae_long(args, workdir: Path) -> None:
 
     def batch_of(step):
         crop = 32 if step < steps - args.vae_long_full_steps else None
-        return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop)
+        return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop, halo_weight=args.vae_long_halo_weight)
 
     train_vae(workdir, "vae_long", vae, decoder, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
               batch_of, train_encoder=False, log_every=25, save_every=50)
@@ -424,6 +424,8 @@ def main() -> None:
     p.add_argument("--vae_long_full_steps", type=int, default=100, help="last vae_long steps on whole frames")
     p.add_argument("--vae_long_batch", type=int, default=4)
     p.add_argument("--vae_long_lr", type=float, default=3e-4)
+    p.add_argument("--vae_long_halo_weight", type=float, default=0.0,
+                   help="extra vae_long loss weight of the background within 3 px of the object (0: none)")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)

@@ -144,6 +144,19 @@ def test_decoder_fine_tune_trains_the_decoder_on_whole_clips_and_leaves_the_enco
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.conv2.parameters())
 
 
+def test_halo_weight_covers_the_background_around_the_object_and_nothing_else():
+    """--vae_long_halo_weight: the background within 3 px of the object weighs more (a blurry decoder paints
+    object-background blends there, which the colour check reads as object pixels of a wrong colour); object
+    pixels and far background keep their weights, and the video is the same batch."""
+    video0, plain = train.vae_clip_batch(0, 2, 0)
+    video, halo = train.vae_clip_batch(0, 2, 0, halo_weight=4.0)
+    assert torch.equal(video, video0)
+    ring = (halo - plain)[:, 0] > 0
+    obj = (plain[:, 0] > plain[:, 0].amin(dim=(-1, -2), keepdim=True)).numpy()  # object pixels weigh more
+    assert ring.any() and not (ring.numpy() & obj).any()  # the ring is background only ...
+    assert np.array_equal(train.dilate(obj, 3) & ~obj, ring.numpy())  # ... exactly what lies within 3 px
+
+
 def test_trained_model_fills_in_the_motion(pipe):
     summary, scores = evaluate.evaluate(pipe, data.heldout_seeds(4), steps=6)
     for s in scores:

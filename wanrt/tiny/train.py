@@ -181,29 +181,46 @@ def vae_batch(step: int, batch: int, seed: int, crop: int | None = None, object_
     return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight)
 
 
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """(..., H, W) bool mask grown by `radius` pixels (square neighbourhood), per frame."""
+    h, w = mask.shape[-2:]
+    pad = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(radius, radius)] * 2)
+    out = np.zeros_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= pad[..., dy:dy + h, dx:dx + w]
+    return out
+
+
 def _weighted_batch(draw, rng: np.random.Generator, batch: int, width: int, height: int, crop: int | None,
-                    object_weight: float, key_weight: float, last_weight: float = 0.0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    object_weight: float, key_weight: float, last_weight: float = 0.0, halo_weight: float = 0.0,
+                    halo: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch` clips from draw() -> (frames, background), each cropped to a random crop x crop window (rng, after
-    draw's own draws), and their pixel weights: object pixels 1 + object_weight, frames 0, 4, 8, ... times
-    1 + key_weight, the last frame times 1 + last_weight more."""
-    vids, masks = [], []
+    draw's own draws), and their pixel weights: object pixels 1 + object_weight, the background within `halo`
+    pixels of the object 1 + halo_weight (where a blurry decoder paints object-background blends, which read as
+    part of the object in a wrong colour), frames 0, 4, 8, ... times 1 + key_weight, the last frame times
+    1 + last_weight more."""
+    vids, masks, rings = [], [], []
     for _ in range(batch):
         v, background = draw()
         m = data.object_mask(v, background, threshold=8)
+        r = dilate(m, halo) & ~m if halo_weight else np.zeros_like(m)
         if crop:
             y0, x0 = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
-            v, m = v[:, y0:y0 + crop, x0:x0 + crop], m[:, y0:y0 + crop, x0:x0 + crop]
+            v, m, r = (a[:, y0:y0 + crop, x0:x0 + crop] for a in (v, m, r))
         vids.append(v)
         masks.append(m)
-    weight = 1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
+        rings.append(r)
+    weight = (1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
+              + halo_weight * torch.from_numpy(np.stack(rings)).float()[:, None])
     weight[:, :, ::4] *= 1.0 + key_weight
     weight[:, :, -1] *= 1.0 + last_weight
     return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
 
 
 def vae_clip_batch(step: int, batch: int, seed: int, crop: int | None = None, object_weight: float = 4.0,
-                   key_weight: float = 1.0, last_weight: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_weight: float = 1.0, last_weight: float = 2.0, halo_weight: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `vae_batch` (varied), but whole clips of 9, 13, 17 or 21 frames from their first frame: the
     pipeline decodes a generated clip in one pass of 1 + 4k frames, so its last frame comes out after up
     to five cached chunks, a path `vae_batch`'s windows of at most 9 frames never train. The clip's last
@@ -216,7 +233,7 @@ def vae_clip_batch(step: int, batch: int, seed: int, crop: int | None = None, ob
         clip = varied_clip(int(rng.integers(data.TRAIN_SEEDS.stop)), t, w, h)
         return clip.frames, clip.background
 
-    return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight, last_weight)
+    return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight, last_weight, halo_weight)
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
