@@ -153,7 +153,7 @@ TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
     # BEGIN tiny teacache (written by scripts/fit_teacache.py; do not edit by hand)
     # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0020
     (128, 4, 384): TeaCacheConfig(
-        coefficients=(1.29110571e+01, -6.55584371e+00, 1.26880997e+00, 2.15494787e-01, -1.38000489e-04),
+        coefficients=(1.71536097e+01, -9.53466275e+00, 1.91933772e+00, 1.92668496e-01, 3.92536635e-05),
         indicator="e", first_steps=1, last_steps=1, threshold=0.02,
         source="scripts/fit_teacache.py"),
     # END tiny teacache

@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "5368266b645d47bfb244ec3c6a3ef277f99ffd7c4d37e5d9016fdacab3472803"
+TRAINED_SHA256 = "d5870d7ab25b76467927832d6cf5710c89ca3249c6f206bfd4cc360d9aafeac7"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's
