@@ -256,9 +256,9 @@ def test_aoti_fp8_package_matches_eager_fp8(tmp_path):
             outs[name] = case.call().clone()
     # The package is as accurate as eager fp8: guided step vs fp32, measured 0.152 (package) and 0.151 (eager
     # fp8; bf16: 0.021) with the shipped model (the models before: 0.145, 0.144, 0.019 and 0.111, 0.107, 0.013);
-    # allowed 1.25x eager fp8's. It is not equal to eager fp8 (0.095 apart): Inductor's fp32 sums differ in the last bit,
-    # which flips e4m3 roundings of activations sitting on a boundary; with the first-run model and other
-    # inputs the two agreed to 2.0e-5.
+    # allowed 1.25x eager fp8's. It is not equal to eager fp8 (0.095 apart): Inductor's fp32 sums differ in the
+    # last bit, which flips e4m3 roundings of activations sitting on a boundary; with the first-run model and
+    # other inputs the two agreed to 2.0e-5.
     assert rel_l2(outs["aoti"], outs["fp32"]) <= 1.25 * rel_l2(outs["fp8"], outs["fp32"])
     # the package really quantises: vs eager bf16 it is as far as eager fp8 is (measured 0.155 and 0.154)
     assert rel_l2(outs["aoti"], outs["bf16"]) > 0.02
