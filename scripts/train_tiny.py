@@ -147,22 +147,26 @@ def stage_vae(args, workdir: Path) -> None:
 
 def stage_vae_long(args, workdir: Path) -> None:
     """Stage vae's VAE, its decoder (conv2 + decoder) trained on whole clips of 9-21 frames
-    (train.vae_clip_batch) with the encoder frozen: a 17-frame clip decodes its last frame after four
-    cached chunks, which windows of <= 9 frames never train (v3 VAE alone: last frames down to 21 dB)."""
+    (train.vae_clip_batch) with the encoder frozen (unless --vae_long_encoder): a 17-frame clip decodes its last
+    frame after four cached chunks, which windows of <= 9 frames never train (v3 VAE alone: last frames down to
+    21 dB)."""
     if (workdir / "vae_long.pth").is_file() or not args.vae_long_steps:
         return
     vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
     vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
     vae.train()
-    decoder = [*vae.conv2.parameters(), *vae.decoder.parameters()]  # the encoder runs under no_grad (vae_loss)
+    if args.vae_long_encoder:  # the whole VAE: its latents change, so run varied_latents and the DiT after
+        params = list(vae.parameters())
+    else:
+        params = [*vae.conv2.parameters(), *vae.decoder.parameters()]  # the encoder runs under no_grad (vae_loss)
     steps = args.vae_long_steps
 
     def batch_of(step):
         crop = 32 if step < steps - args.vae_long_full_steps else None
         return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop, halo_weight=args.vae_long_halo_weight)
 
-    train_vae(workdir, "vae_long", vae, decoder, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
-              batch_of, train_encoder=False, log_every=25, save_every=50)
+    train_vae(workdir, "vae_long", vae, params, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
+              batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50)
 
 
 def stage_vae_eval(args, workdir: Path) -> None:
@@ -424,6 +428,8 @@ def main() -> None:
     p.add_argument("--vae_long_full_steps", type=int, default=100, help="last vae_long steps on whole frames")
     p.add_argument("--vae_long_batch", type=int, default=4)
     p.add_argument("--vae_long_lr", type=float, default=3e-4)
+    p.add_argument("--vae_long_encoder", action="store_true",
+                   help="stage vae_long trains the encoder too (its latents change: rerun varied_latents and the DiT)")
     p.add_argument("--vae_long_halo_weight", type=float, default=0.0,
                    help="extra vae_long loss weight of the background within 3 px of the object (0: none)")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
