@@ -163,7 +163,8 @@ def stage_vae_long(args, workdir: Path) -> None:
 
     def batch_of(step):
         crop = 32 if step < steps - args.vae_long_full_steps else None
-        return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop, halo_weight=args.vae_long_halo_weight)
+        return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop, halo_weight=args.vae_long_halo_weight,
+                                    motion_weight=args.vae_long_motion_weight)
 
     train_vae(workdir, "vae_long", vae, params, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
               batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50)
@@ -432,6 +433,8 @@ def main() -> None:
                    help="stage vae_long trains the encoder too (its latents change: rerun varied_latents and the DiT)")
     p.add_argument("--vae_long_halo_weight", type=float, default=0.0,
                    help="extra vae_long loss weight of the background within 3 px of the object (0: none)")
+    p.add_argument("--vae_long_motion_weight", type=float, default=0.0,
+                   help="vae_long frames weigh 1 + this x their object motion squared (train.frame_motion)")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)

@@ -157,6 +157,31 @@ def test_halo_weight_covers_the_background_around_the_object_and_nothing_else():
     assert np.array_equal(train.dilate(obj, 3) & ~obj, ring.numpy())  # ... exactly what lies within 3 px
 
 
+def test_motion_weight_favours_the_frames_where_a_small_object_moves_fast():
+    """--vae_long_motion_weight: a frame weighs 1 + w * motion^2 (train.frame_motion), so the decoder spends
+    its capacity where one 4-frame latent chunk holds four distant positions (the smears of the held-out clips'
+    fast hops); the video is the same batch and w = 0 gives the old weights."""
+    still = np.zeros((3, 16, 16), bool)
+    still[:, 4:8, 4:8] = True
+    assert np.array_equal(train.frame_motion(still), np.zeros(3))
+    jump = still.copy()
+    jump[2] = False
+    jump[2, 10:14, 10:14] = True  # frame 2 jumps clear of itself: frames 1 and 2 changed 2x their area
+    assert np.array_equal(train.frame_motion(jump), np.array([0.0, 2.0, 2.0]))
+    step = still.copy()
+    step[2] = False
+    step[2, 4:8, 5:9] = True  # a 1-px move of a 4x4 square: 8 pixels changed of 16
+    assert np.array_equal(train.frame_motion(step), np.array([0.0, 0.5, 0.5]))
+
+    video0, plain = train.vae_clip_batch(0, 2, 0, halo_weight=4.0)
+    video, weighted = train.vae_clip_batch(0, 2, 0, halo_weight=4.0, motion_weight=4.0)
+    assert torch.equal(video, video0)
+    factor = (weighted / plain)[:, 0, :, 0, 0]  # (clips, frames): one factor per frame
+    assert torch.equal(weighted, plain * factor[:, None, :, None, None])
+    assert factor.amin() >= 1.0 and factor.amax() <= 17.0  # 1 + 4 * motion^2, motion in [0, 2]
+    assert factor.amax() > 1.5 * factor.amin()  # fast frames weigh clearly more (measured: 2.34 vs 1.25)
+
+
 def test_trained_model_fills_in_the_motion(pipe):
     summary, scores = evaluate.evaluate(pipe, data.heldout_seeds(4), steps=6)
     for s in scores:

@@ -192,19 +192,32 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def frame_motion(mask: np.ndarray) -> np.ndarray:
+    """(F,) float in [0, 2] for an (F, H, W) object mask: the pixels the objects cover or uncover between a
+    frame and its faster neighbour, over the objects' area; ~4d / (pi r) for a disk of radius r moving d px,
+    2 for a jump clear of itself, 0 for a still frame (or no object). Large for small objects moving fast."""
+    area = mask.sum((1, 2)).astype(np.float64)
+    change = (mask[1:] ^ mask[:-1]).sum((1, 2)).astype(np.float64)  # between frames t and t + 1
+    pad = np.concatenate([[0.0], change, [0.0]])
+    both = np.maximum(pad[:-1], pad[1:])  # frame t: the larger of its change from t - 1 and to t + 1
+    return np.minimum(both / np.maximum(area, 1.0), 2.0)
+
+
 def _weighted_batch(draw, rng: np.random.Generator, batch: int, width: int, height: int, crop: int | None,
                     object_weight: float, key_weight: float, last_weight: float = 0.0, halo_weight: float = 0.0,
-                    halo: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+                    halo: int = 3, motion_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch` clips from draw() -> (frames, background), each cropped to a random crop x crop window (rng, after
     draw's own draws), and their pixel weights: object pixels 1 + object_weight, the background within `halo`
     pixels of the object 1 + halo_weight (where a blurry decoder paints object-background blends, which read as
     part of the object in a wrong colour), frames 0, 4, 8, ... times 1 + key_weight, the last frame times
-    1 + last_weight more."""
-    vids, masks, rings = [], [], []
+    1 + last_weight more, and every frame times 1 + motion_weight * motion(frame)^2 (`frame_motion`: fast, small
+    objects, which one 4-frame latent chunk must place four times and a decoder smears)."""
+    vids, masks, rings, motions = [], [], [], []
     for _ in range(batch):
         v, background = draw()
         m = data.object_mask(v, background, threshold=8)
         r = dilate(m, halo) & ~m if halo_weight else np.zeros_like(m)
+        motions.append(frame_motion(m))  # on the whole frame: a crop may cut the object
         if crop:
             y0, x0 = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
             v, m, r = (a[:, y0:y0 + crop, x0:x0 + crop] for a in (v, m, r))
@@ -213,14 +226,15 @@ def _weighted_batch(draw, rng: np.random.Generator, batch: int, width: int, heig
         rings.append(r)
     weight = (1.0 + object_weight * torch.from_numpy(np.stack(masks)).float()[:, None]
               + halo_weight * torch.from_numpy(np.stack(rings)).float()[:, None])
+    weight *= 1.0 + motion_weight * torch.from_numpy(np.stack(motions)).float()[:, None, :, None, None].square()
     weight[:, :, ::4] *= 1.0 + key_weight
     weight[:, :, -1] *= 1.0 + last_weight
     return frames_to_tensor(np.ascontiguousarray(np.stack(vids))), weight
 
 
 def vae_clip_batch(step: int, batch: int, seed: int, crop: int | None = None, object_weight: float = 4.0,
-                   key_weight: float = 1.0, last_weight: float = 2.0, halo_weight: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_weight: float = 1.0, last_weight: float = 2.0, halo_weight: float = 0.0,
+                   motion_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `vae_batch` (varied), but whole clips of 9, 13, 17 or 21 frames from their first frame: the
     pipeline decodes a generated clip in one pass of 1 + 4k frames, so its last frame comes out after up
     to five cached chunks, a path `vae_batch`'s windows of at most 9 frames never train. The clip's last
@@ -233,7 +247,8 @@ def vae_clip_batch(step: int, batch: int, seed: int, crop: int | None = None, ob
         clip = varied_clip(int(rng.integers(data.TRAIN_SEEDS.stop)), t, w, h)
         return clip.frames, clip.background
 
-    return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight, last_weight, halo_weight)
+    return _weighted_batch(draw, rng, batch, w, h, crop, object_weight, key_weight, last_weight, halo_weight,
+                           motion_weight=motion_weight)
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
