@@ -93,8 +93,8 @@ def stage_base(args, workdir: Path) -> None:
 
 
 def train_vae(workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr: float, warmup: int,
-              noise_seed: int, batch_of, train_encoder: bool = True, log_every: int = 50, save_every: int = 100
-              ) -> None:
+              noise_seed: int, batch_of, train_encoder: bool = True, log_every: int = 50, save_every: int = 100,
+              latent_noise: float = 0.1) -> None:
     """AdamW on `params` with a cosine schedule, resumable from <tag>_state.pt; batch_of(step) -> (video,
     weight); the latent noise is seeded by noise_seed + step. -> <tag>.pth, <tag>_history.json."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -112,7 +112,7 @@ def train_vae(workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr
                 g["lr"] = train.cosine_lr(step, steps, lr, warmup=warmup)
             torch.manual_seed(noise_seed + step)  # latent noise, reproducible across resumes
             video, weight = batch_of(step)
-            loss = train.vae_loss(vae, video, weight, train_encoder=train_encoder)
+            loss = train.vae_loss(vae, video, weight, latent_noise=latent_noise, train_encoder=train_encoder)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -167,7 +167,8 @@ def stage_vae_long(args, workdir: Path) -> None:
                                     motion_weight=args.vae_long_motion_weight)
 
     train_vae(workdir, "vae_long", vae, params, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
-              batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50)
+              batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50,
+              latent_noise=args.vae_long_latent_noise)
 
 
 def stage_vae_eval(args, workdir: Path) -> None:
@@ -433,6 +434,8 @@ def main() -> None:
                    help="stage vae_long trains the encoder too (its latents change: rerun varied_latents and the DiT)")
     p.add_argument("--vae_long_halo_weight", type=float, default=0.0,
                    help="extra vae_long loss weight of the background within 3 px of the object (0: none)")
+    p.add_argument("--vae_long_latent_noise", type=float, default=0.1,
+                   help="std of the noise vae_long adds to the latent (train.vae_loss): a DiT's latents are not exact")
     p.add_argument("--vae_long_motion_weight", type=float, default=0.0,
                    help="vae_long frames weigh 1 + this x their object motion squared (train.frame_motion)")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")

@@ -142,6 +142,14 @@ def test_decoder_fine_tune_trains_the_decoder_on_whole_clips_and_leaves_the_enco
         encoder = [p.grad for p in [*vae.encoder.parameters(), *vae.conv1.parameters()]]
         assert all(g is None for g in encoder) != train_encoder
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.conv2.parameters())
+    # --vae_long_latent_noise: the decoder sees the latent plus that much noise (none: the same loss every call)
+    losses = {}
+    for noise in (0.0, 0.1):
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                losses[noise, seed] = train.vae_loss(vae, video, weight, latent_noise=noise, train_encoder=False).recon
+    assert losses[0.0, 1] == losses[0.0, 2] and losses[0.1, 1] != losses[0.1, 2]
 
 
 def test_halo_weight_covers_the_background_around_the_object_and_nothing_else():
