@@ -164,7 +164,8 @@ def stage_vae_long(args, workdir: Path) -> None:
     def batch_of(step):
         crop = 32 if step < steps - args.vae_long_full_steps else None
         return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop, halo_weight=args.vae_long_halo_weight,
-                                    motion_weight=args.vae_long_motion_weight)
+                                    motion_weight=args.vae_long_motion_weight,
+                                    object_weight=args.vae_long_object_weight)
 
     train_vae(workdir, "vae_long", vae, params, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
               batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50,
@@ -436,6 +437,8 @@ def main() -> None:
                    help="extra vae_long loss weight of the background within 3 px of the object (0: none)")
     p.add_argument("--vae_long_latent_noise", type=float, default=0.1,
                    help="std of the noise vae_long adds to the latent (train.vae_loss): a DiT's latents are not exact")
+    p.add_argument("--vae_long_object_weight", type=float, default=4.0,
+                   help="vae_long object pixels weigh 1 + this (train._weighted_batch): their colour is the target")
     p.add_argument("--vae_long_motion_weight", type=float, default=0.0,
                    help="vae_long frames weigh 1 + this x their object motion squared (train.frame_motion)")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")

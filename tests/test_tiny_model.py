@@ -190,6 +190,17 @@ def test_motion_weight_favours_the_frames_where_a_small_object_moves_fast():
     assert factor.amax() > 1.5 * factor.amin()  # fast frames weigh clearly more (measured: 2.34 vs 1.25)
 
 
+def test_object_weight_scales_only_the_object_pixels():
+    """--vae_long_object_weight: object pixels weigh 1 + w (times the frame factors), the rest as before."""
+    video0, plain = train.vae_clip_batch(0, 2, 0, halo_weight=4.0, motion_weight=4.0)
+    video, heavy = train.vae_clip_batch(0, 2, 0, halo_weight=4.0, motion_weight=4.0, object_weight=12.0)
+    assert torch.equal(video, video0)
+    changed = heavy != plain
+    assert changed.any() and bool((heavy[changed] > plain[changed]).all())  # only heavier, somewhere
+    assert changed.float().mean() < 0.2  # object pixels only: a few percent of the frames (measured 0.04)
+    assert torch.allclose(heavy[changed] / plain[changed], torch.tensor(13.0 / 5.0))  # (1 + 12) / (1 + 4)
+
+
 def test_trained_model_fills_in_the_motion(pipe):
     summary, scores = evaluate.evaluate(pipe, data.heldout_seeds(4), steps=6)
     for s in scores:
