@@ -100,7 +100,7 @@ def train_vae(workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     state_path, history, start = workdir / f"{tag}_state.pt", [], 0
     if state_path.is_file():  # resume
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         history, start = st["history"], st["step"]
@@ -252,7 +252,7 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     final = workdir / f"{tag}_ema.pt"
     if final.is_file():
         return
-    lat = torch.load(workdir / latents, weights_only=False)
+    lat = torch.load(workdir / latents, weights_only=True)
     sets = {k: train.LatentSet(**v) for k, v in lat["groups"].items()}
     keys = list(sets)
     shares = np.array([g[3] for g in groups])
@@ -275,7 +275,7 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     ropes = {}
     state_path, history, start = workdir / f"{tag}_state.pt", [], 0
     if state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         dit.load_state_dict(st["model"])
         ema.shadow = st["ema"]
         opt.load_state_dict(st["opt"])
