@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "007f28f825a71695f56492b11a3f894a98f22953d8c74fb8f0216f5a1920abf5"
+TRAINED_SHA256 = "69da757d5ee6515d2508d77663394860ec1dce384517a7af4d12e313ac2c7a91"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's
