@@ -65,6 +65,9 @@ def _package_bytes(path) -> int:
     return sum(i.file_size for i in zipfile.ZipFile(path).infolist())
 
 
+# slow: 25 s of its own builds; the shared engine dir's packages are checked the same way by
+# test_engine_dir_packages_take_their_weights_and_loras_at_load
+@pytest.mark.slow
 def test_packages_hold_code_and_read_weights_at_load(tmp_path):
     """A package built from a checkpoint holds no constants (Inductor's package_constants_in_so off): it is
     smaller than the embedded build by about the weights' bytes, runs only with the weights handed to it at load

@@ -110,6 +110,8 @@ def test_pipeline_fuses_the_eager_dit_by_default():
     assert (a == b).all()  # uint8 video identical: fused q/k/v is the same math
 
 
+# slow: 47 s of compiling on 2 Intel Xeon cores (the default suite's third-slowest test)
+@pytest.mark.slow
 def test_compiled_blocks_keep_the_eager_numerics(inputs):
     """Regional torch.compile (kernels/fusion.compile_blocks) of the fused model: fp32 equal to eager up to
     Inductor's reduction order, bf16 as close to the fp32 reference as eager bf16 is."""

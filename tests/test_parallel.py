@@ -168,11 +168,13 @@ def _torchrun(n: int) -> list[str]:
             f"--master_port={free_port()}", "-m", "wanrt"]
 
 
+# nproc2-cfg (22 s; CFG parity is test_parity_with_single_process[cfg2]) and nproc4 (35 s: four processes on two
+# cores) with -m slow
 @pytest.mark.parametrize("launcher,split", [
-    (["--nproc", "2"], ["--cfg_parallel"]),
+    pytest.param(["--nproc", "2"], ["--cfg_parallel"], marks=pytest.mark.slow),
     ("torchrun", ["--ulysses_size", "2"]),
     (["--nproc", "2"], ["--tp_size", "2"]),
-    (["--nproc", "4"], ["--ulysses_size", "2", "--cfg_parallel"]),
+    pytest.param(["--nproc", "4"], ["--ulysses_size", "2", "--cfg_parallel"], marks=pytest.mark.slow),
 ], ids=["nproc2-cfg", "torchrun-ulysses2", "nproc2-tp2", "nproc4-ulysses2xcfg"])
 def test_generate_end_to_end(tmp_path, single_video, launcher, split):
     out = tmp_path / "v.mp4"
