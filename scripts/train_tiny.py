@@ -14,6 +14,9 @@ Stages (each saves its result in --workdir, so an interrupted run continues wher
            latent + mask, CLIP tokens, T5 contexts of all prompts and of the negative prompt)
   dit      flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, timestep int(1000 s), sigmas
            covering the shift-16 inference schedule, prompt dropout to the negative prompt, EMA
+  varied_latents, varied  the second run: every trained size and length, varied scenes (-> varied_ema.pt)
+  soup     the weighted mean of DiTs fine-tuned from one DiT (--soup FILE, repeated; --soup_weights)
+           -> varied_ema.pt: a "model soup", one model with the runs' errors partly averaged out
   export   EMA DiT + VAE + the frozen encoders -> --out (official layout), sha256, loss-curve PNG
 
 Everything is seeded (data by seed and step, noise by a per-step generator); timings go to
@@ -44,7 +47,8 @@ from wanrt.models.dit import WanDiT  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
 from wanrt.tiny import data, train  # noqa: E402
 
-STAGES = ("base", "vae", "vae_long", "vae_eval", "latents", "dit", "varied_latents", "varied", "export")
+STAGES = ("base", "vae", "vae_long", "vae_eval", "latents", "dit", "varied_latents", "varied", "soup",
+          "export")
 
 
 def log(msg: str) -> None:
@@ -246,6 +250,15 @@ def stage_varied_latents(args, workdir: Path) -> None:
         encode_latents(args, workdir, final, varied_seeds(args), train.varied_clip)
 
 
+def load_dit_state(path: Path) -> dict[str, torch.Tensor]:
+    """A DiT state dict from a .safetensors file (a shipped model) or a torch.save'd one (a run's EMA)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)
+
+
 def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, lr: float, init: Path | None,
               given_weight: float) -> None:
     """Flow matching on pre-encoded latents; `tag` names the files (<tag>_state.pt, <tag>_ema.pt, ...)."""
@@ -264,12 +277,7 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     if init is None:
         train.init_dit(dit)
     else:  # a second run continues from the first run's EMA weights (or another trained DiT, --varied_init)
-        if init.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            dit.load_state_dict(load_file(str(init)))
-        else:
-            dit.load_state_dict(torch.load(init, weights_only=True))
+        dit.load_state_dict(load_dit_state(init))
     ema = train.EMA(dit, args.ema)
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ropes = {}
@@ -346,6 +354,20 @@ def stage_varied(args, workdir: Path) -> None:
                              "(or pass --varied_init with a trained DiT)")
         train_dit(args, workdir, "varied", "varied_latents.pt", train.VARIED_GROUPS, args.varied_steps,
                   args.varied_lr, init, args.varied_given_weight)
+
+
+def stage_soup(args, workdir: Path) -> None:
+    """varied_ema.pt = sum_i w_i DiT_i (fp32), the weights normalised to sum 1 (default: equal)."""
+    final = workdir / "varied_ema.pt"
+    if not args.soup or final.is_file():
+        return
+    weights = args.soup_weights or [1.0] * len(args.soup)
+    try:
+        soup = train.soup([load_dit_state(Path(f)) for f in args.soup], weights, names=args.soup)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    torch.save(soup, final)
+    log(f"soup: {len(args.soup)} DiTs, weights {weights} (normalised to sum 1) -> {final}")
 
 
 def stage_export(args, workdir: Path) -> None:
@@ -455,6 +477,10 @@ def main() -> None:
     p.add_argument("--varied_salt", type=int, default=11,
                    help="data-order salt of the second run (>= 11; another value for a run that continues one)")
     p.add_argument("--varied_given_weight", type=float, default=3.0)
+    p.add_argument("--soup", action="append", default=[],
+                   help="a DiT file (.safetensors or a run's *_ema.pt) for stage soup; repeat for each")
+    p.add_argument("--soup_weights", type=float, nargs="+", default=None,
+                   help="one weight per --soup file (normalised; default equal)")
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--prompt_dropout", type=float, default=0.1)
     p.add_argument("--object_weight", type=float, default=3.0, help="extra DiT loss weight of object cells")

@@ -401,6 +401,23 @@ def sample_sigmas(batch: int, gen: torch.Generator, shift: float = 16.0, low: fl
     return torch.where(uniform, low + (1 - low) * u, s).clamp(1e-3, 0.999)
 
 
+def soup(states: list[dict[str, torch.Tensor]], weights: list[float], names: list[str] | None = None
+         ) -> dict[str, torch.Tensor]:
+    """The weighted mean of state dicts of one model (a "model soup": runs fine-tuned from one start stay in
+    one basin, and their mean averages part of each run's error away), computed in fp32, weights normalised."""
+    names = names or [f"state {i}" for i in range(len(states))]
+    if not states or len(weights) != len(states) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"soup needs one non-negative weight per model ({len(states)}) with a positive sum, "
+                         f"got {list(weights)}")
+    ref = states[0]
+    for name, st in zip(names, states):
+        if set(st) != set(ref) or any(st[k].shape != ref[k].shape for k in ref):
+            raise ValueError(f"{name} is not a model of the same config as {names[0]}: a soup averages runs of "
+                             "one model")
+    total = float(sum(weights))
+    return {k: sum(w / total * st[k].float() for w, st in zip(weights, states)).to(ref[k].dtype) for k in ref}
+
+
 def init_dit(dit) -> None:
     """Zero the output projection (the usual DiT 'adaLN-zero'-style start: predict 0 velocity)."""
     with torch.no_grad():
