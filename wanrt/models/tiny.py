@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "69da757d5ee6515d2508d77663394860ec1dce384517a7af4d12e313ac2c7a91"
+TRAINED_SHA256 = "85ebea4e131afd1dce252628411d165794c5bb4349f94cf0555d51c950e38da1"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's

@@ -26,9 +26,9 @@ output instead, per branch, and measured on the trained tiny model which of two 
 closer to the uncached video (scripts/cache_tradeoff.py, README "Step caching"):
   - "velocity": reuse the last computed velocity v_j as is;
   - "residual": reuse the DiT's output minus its input, v_k = x_k + (v_j - x_j).
-REUSE names the one the pipeline uses: "velocity", the higher mean PSNR at 0.002-0.01 and 0.1 on the shipped
-tiny model ("residual" at 0.02 by 0.1 dB, at 0.05 and 0.2 by 1.3 and 3.0 dB, as with the decoder before it;
-the tiny model before that: "velocity" up to 0.02).
+REUSE names the one the pipeline uses: "velocity", the higher mean PSNR at 0.002-0.01 on the shipped tiny
+model ("residual" at 0.02 by 0.1 dB, at 0.05, 0.1 and 0.2 by 1.1, 0.4 and 2.7 dB; the models before it: "velocity"
+also at 0.1, and an earlier one up to 0.02).
 """
 
 from __future__ import annotations
