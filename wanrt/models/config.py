@@ -153,7 +153,7 @@ TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
     # BEGIN tiny teacache (written by scripts/fit_teacache.py; do not edit by hand)
     # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0018
     (128, 4, 384): TeaCacheConfig(
-        coefficients=(1.26658847e+01, -5.51989861e+00, 8.89452996e-01, 2.31400527e-01, 1.38445756e-05),
+        coefficients=(1.48343401e+01, -6.41787889e+00, 9.86181767e-01, 2.22829368e-01, 5.76470262e-05),
         indicator="e", first_steps=1, last_steps=1, threshold=0.02,
         source="scripts/fit_teacache.py"),
     # END tiny teacache

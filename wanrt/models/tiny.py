@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "85ebea4e131afd1dce252628411d165794c5bb4349f94cf0555d51c950e38da1"
+TRAINED_SHA256 = "3ee5207bd23555b20ad9874b963b0cd25054c2c4c674177ef2bfef569031ee1b"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's

@@ -27,8 +27,8 @@ closer to the uncached video (scripts/cache_tradeoff.py, README "Step caching"):
   - "velocity": reuse the last computed velocity v_j as is;
   - "residual": reuse the DiT's output minus its input, v_k = x_k + (v_j - x_j).
 REUSE names the one the pipeline uses: "velocity", the higher mean PSNR at 0.002-0.01 on the shipped tiny
-model ("residual" at 0.02 by 0.1 dB, at 0.05, 0.1 and 0.2 by 1.1, 0.4 and 2.7 dB; the models before it: "velocity"
-also at 0.1, and an earlier one up to 0.02).
+model ("residual" at 0.02 by 0.2 dB, at 0.05, 0.1 and 0.2 by 1.1, 0.7 and 2.7 dB; the model before it: the same
+ranking; an earlier one: "velocity" also at 0.1, and one before up to 0.02).
 """
 
 from __future__ import annotations
