@@ -5,6 +5,7 @@
     python scripts/eval_tiny.py --steps 4 --clips 5 --ckpt_dir tiny-random   # the random model, for contrast
     python scripts/eval_tiny.py --demo docs/tiny_demo.png                    # also render the demo strip
     python scripts/eval_tiny.py --targets                # the issue-18 targets at 64x64, 64x48, 48x64, 96x64
+    python scripts/eval_tiny.py --targets --first_clip 20 --model_only   # model selection on 20 other clips
 
 Clips are 17 frames at 64x64 from seeds never used in training (wanrt.tiny.data.heldout_seeds), generated
 through the public pipeline with the defaults of `wanrt generate` (UniPC, shift 16, guide scale 5, the
@@ -63,9 +64,10 @@ def targets(pipe, args) -> dict:
     print(f"{'size':>11} {'clips':>5} {'min first':>9} {'min last':>8} {'crossfaded':>10} {'max colour':>10} "
           f"{'max rel. centroid':>17} {'pass':>5}")
     for w, h in evaluate.TARGET_SIZES:
-        for kind in ("model", "vae"):
-            summary, scores = evaluate.targets(pipe, data.heldout_seeds(args.clips), w, h, args.target_steps,
-                                               vae_only=kind == "vae", seed=args.seed)
+        for kind in ("model",) if args.model_only else ("model", "vae"):
+            seeds = data.heldout_seeds(args.clips, args.first_clip)
+            summary, scores = evaluate.targets(pipe, seeds, w, h, args.target_steps, vae_only=kind == "vae",
+                                               seed=args.seed)
             ok = [evaluate.meets_targets(s) for s in scores]
             summary["clips_passing"] = int(sum(ok))
             name = f"{w}x{h}" + ("" if kind == "model" else " vae")
@@ -81,6 +83,7 @@ def main() -> None:
     p.add_argument("--ckpt_dir", default="tiny")
     p.add_argument("--steps", type=int, nargs="+", default=[4, 10, 50])
     p.add_argument("--clips", type=int, default=20)
+    p.add_argument("--first_clip", type=int, default=0, help="skip this many held-out seeds (20: the selection set)")
     p.add_argument("--guide_scale", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
@@ -90,6 +93,7 @@ def main() -> None:
     p.add_argument("--demo_steps", type=int, default=10)
     p.add_argument("--targets", action="store_true", help="only the issue-18 targets table (see targets())")
     p.add_argument("--target_steps", type=int, default=20)
+    p.add_argument("--model_only", action="store_true", help="--targets without the VAE-alone rows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = FLF2VPipeline.from_pretrained(args.ckpt_dir, device="cpu")
@@ -98,7 +102,7 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "targets": result}, indent=2))
         return
-    seeds = data.heldout_seeds(args.clips)
+    seeds = data.heldout_seeds(args.clips, args.first_clip)
     results = {}
     print(f"{args.ckpt_dir}: {len(seeds)} held-out clips, 17 frames 64x64, guide {args.guide_scale}, "
           f"shift {args.shift}")

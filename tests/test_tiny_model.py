@@ -68,6 +68,9 @@ def test_clips_are_deterministic_and_prompts_use_the_tokenizer_words():
     for s in range(50):
         assert set(data.make_clip(s).prompt.split()) <= words
     assert set(data.heldout_seeds(20)).isdisjoint(range(data.HELDOUT_SEED0))
+    # the selection set (eval_tiny.py --first_clip 20) is 20 other held-out clips, none of the reported 20
+    reported, selection = data.heldout_seeds(20), data.heldout_seeds(20, first=20)
+    assert len(set(selection)) == 20 and set(selection).isdisjoint(reported) and min(selection) > data.HELDOUT_SEED0
 
 
 @pytest.mark.parametrize("frames,width,height", [(9, 64, 64), (13, 48, 64), (21, 96, 64), (17, 64, 48)])
