@@ -63,9 +63,9 @@ def targets(pipe, args) -> dict:
     out = {}
     print(f"{'size':>11} {'clips':>5} {'min first':>9} {'min last':>8} {'crossfaded':>10} {'max colour':>10} "
           f"{'max rel. centroid':>17} {'pass':>5}")
+    seeds = data.heldout_seeds(args.clips, args.first_clip)
     for w, h in evaluate.TARGET_SIZES:
         for kind in ("model",) if args.model_only else ("model", "vae"):
-            seeds = data.heldout_seeds(args.clips, args.first_clip)
             summary, scores = evaluate.targets(pipe, seeds, w, h, args.target_steps, vae_only=kind == "vae",
                                                seed=args.seed)
             ok = [evaluate.meets_targets(s) for s in scores]
