@@ -143,7 +143,8 @@ class _Stop(Exception):
 
 def test_official_defaults(tiny_official, images, monkeypatch):
     """`wanrt generate` with only the official required flags asks for 81 frames at 1280*720, 50 UniPC steps,
-    shift 16, guide scale 5.0, and the pipeline fills in the official negative prompt."""
+    and the checkpoint's shift and guide scale (an official checkpoint's: 16 and 5.0), and the pipeline fills in
+    the official negative prompt."""
     import wanrt.parallel
     from wanrt.pipeline import FLF2VPipeline
 
@@ -163,19 +164,21 @@ def test_official_defaults(tiny_official, images, monkeypatch):
              "--prompt", "a bird", "--base_seed", "1"])
     assert isinstance(r.exception, _Stop), r.output
     assert seen["frame_num"] == 81 and seen["max_area"] == 1280 * 720
-    assert seen["sample_steps"] == 50 and seen["sample_shift"] == 16.0 and seen["guide_scale"] == 5.0
+    assert seen["sample_steps"] == 50 and seen["sample_shift"] is None and seen["guide_scale"] is None
     assert seen["sample_solver"] == "unipc" and seen["negative_prompt"] is None
     assert seen["cache"] == "none" and seen["timesteps"] is None and seen["last_frame_fit"] == "resize"
     assert seen["options"] == dict(device=None, dtype=None, attention="sdpa", kernels="torch", memory="resident",
                                    cuda_graphs=True, lora=None)  # no LoRA
     # None means the official negative prompt: the text encoder gets exactly it next to the prompt
     pipe = FLF2VPipeline.from_pretrained(tiny_official)
-    encoded = []
-    real = pipe.encode_text
+    encoded, used = [], {}
+    real, real_denoise = pipe.encode_text, pipe.denoise
     monkeypatch.setattr(pipe, "encode_text", lambda prompts: encoded.append(prompts) or real(prompts))
+    monkeypatch.setattr(pipe, "denoise", lambda *a, **kw: used.update(kw) or real_denoise(*a, **kw))
     a, b = (np.asarray(Image.open(p)) for p in images)
     pipe(a, b, "a bird", max_area=64 * 64, frame_num=5, sample_steps=1, seed=0, progress=False)
     assert encoded == [["a bird", OFFICIAL_NEG]]
+    assert (used["guide_scale"], used["sample_shift"]) == (5.0, 16.0)  # None: the official checkpoint's
 
 
 def test_generate_kernel_memory_and_dtype_options(tmp_path, monkeypatch):

@@ -37,6 +37,32 @@ def test_tiny_is_the_shipped_trained_checkpoint():
     assert cfg.t5 == train.trained_config().t5 and cfg.dit == train.trained_config().dit
 
 
+def test_trained_model_samples_at_its_own_guide_scale(pipe, monkeypatch):
+    """The trained checkpoint carries guide scale 2.0 (models/tiny.py TRAINED_SAMPLE: it passes more held-out
+    clips there than at the official 5.0); a request without one gets it, an engine manifest's config keeps it,
+    a given value wins, and tiny-random (like any other checkpoint) keeps the official 5.0 and 16. Switched off
+    (SampleConfig() for the trained folder) the first assertion fails and test_readme_target_rows_at_64x64 with
+    it (guide 5.0: 11 clips, not 14)."""
+    from wanrt.models.config import SampleConfig, WanConfig
+    from wanrt.samples import SAMPLE_PROMPT, sample_frames
+
+    assert pipe.config.sample == SampleConfig(guide_scale=2.0, shift=16.0) == tiny.TRAINED_SAMPLE
+    used = []
+    real = pipe.denoise
+    monkeypatch.setattr(pipe, "denoise", lambda *a, **kw: used.append((kw["guide_scale"], kw["sample_shift"]))
+                        or real(*a, **kw))
+    first, last = sample_frames()
+    kw = dict(max_area=32 * 32, frame_num=5, sample_steps=1, seed=0, progress=False)
+    pipe(first, last, SAMPLE_PROMPT, **kw)
+    pipe(first, last, SAMPLE_PROMPT, guide_scale=5.0, sample_shift=8.0, **kw)
+    assert used == [(2.0, 16.0), (5.0, 8.0)]
+    stored = pipe.config.to_dict()  # what an engine dir's manifest records
+    assert WanConfig.from_dict(stored).sample == tiny.TRAINED_SAMPLE
+    del stored["sample"]  # a manifest written before the field: the official values
+    assert WanConfig.from_dict(stored).sample == SampleConfig(5.0, 16.0)
+    assert loading.load("tiny-random", components=()).config.sample == SampleConfig(5.0, 16.0)
+
+
 def test_altered_checkpoint_is_refused(tmp_path):
     copy = shutil.copytree(tiny.TRAINED_DIR, tmp_path / "tiny")
     assert tiny.trained(copy) == copy

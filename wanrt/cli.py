@@ -195,10 +195,13 @@ def generate(
     frame_num: Annotated[int, typer.Option("--frame_num", "--frame-num", help="4n+1 frames (the built-in "
                                                            "tiny models: 17).")] = 81,
     sample_steps: Annotated[int, typer.Option("--sample_steps", "--sample-steps", help="Denoising steps.")] = 50,
-    sample_shift: Annotated[float, typer.Option("--sample_shift", "--sample-shift", help="Flow-matching sigma "
-                                                "shift (> 0; official: 16 for 720p).")] = 16.0,
-    sample_guide_scale: Annotated[float, typer.Option("--sample_guide_scale", "--sample-guide-scale", help="CFG "
-                                                      "scale; 1.0 runs the conditional branch only.")] = 5.0,
+    sample_shift: Annotated[float | None, typer.Option("--sample_shift", "--sample-shift", help="Flow-matching "
+                                                       "sigma shift (> 0). Default: the checkpoint's (official "
+                                                       "16, for 720p).", show_default=False)] = None,
+    sample_guide_scale: Annotated[float | None, typer.Option("--sample_guide_scale", "--sample-guide-scale",
+                                                             help="CFG scale; 1.0 runs the conditional branch only. "
+                                                             "Default: the checkpoint's (official 5.0; the "
+                                                             "trained tiny model 2.0).", show_default=False)] = None,
     sample_solver: Annotated[str, typer.Option("--sample_solver", "--sample-solver",
                                                help="unipc, dpm++ or euler.")] = "unipc",
     timesteps: Annotated[str | None, typer.Option("--timesteps", help="Explicit descending timesteps in (0, 1000], "

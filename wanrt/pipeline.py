@@ -154,16 +154,17 @@ def conditioning_video(first: torch.Tensor, last: torch.Tensor, frame_num: int, 
     return torch.cat([resize(first), zeros, resize(last)], dim=1)[None]
 
 
-def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_scale: float, max_area: int,
-             sample_solver: str, sample_shift: float = 16.0, seed: int = 0, timesteps=None) -> None:
-    """Request checks that need no model (cfg=None skips the model's RoPE limit). NaN or infinite
-    numbers are refused here: they would run to the end and give an all-black video."""
+def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_scale: float | None, max_area: int,
+             sample_solver: str, sample_shift: float | None = 16.0, seed: int = 0, timesteps=None) -> None:
+    """Request checks that need no model (cfg=None skips the model's RoPE limit; guide_scale or sample_shift
+    None: the checkpoint's default, not checked). NaN or infinite numbers are refused here: they would run to
+    the end and give an all-black video."""
     from wanrt.schedulers import SOLVERS, check_timesteps
 
     for name, value in (("guide scale", guide_scale), ("sample_shift", sample_shift)):
-        if not math.isfinite(value):
+        if value is not None and not math.isfinite(value):
             raise InputError(f"{name} must be a finite number, got {value}")
-    if sample_shift <= 0:
+    if sample_shift is not None and sample_shift <= 0:
         raise InputError(f"sample_shift must be > 0 (the official default is 16; 5 for 480p), got {sample_shift}")
     if not 0 <= seed < 2**63:
         raise InputError(f"seed must be in 0 .. 2**63-1 (-1 on the CLI: random), got {seed}")
@@ -171,7 +172,7 @@ def validate(cfg: WanConfig | None, frame_num: int, sample_steps: int, guide_sca
         raise InputError(f"frame_num must be 4n+1 and at least 5 (e.g. 81), got {frame_num}")
     if sample_steps < 1:
         raise InputError(f"sample_steps must be >= 1, got {sample_steps}")
-    if guide_scale < 0:
+    if guide_scale is not None and guide_scale < 0:
         raise InputError(f"guide scale must be >= 0, got {guide_scale}")
     if sample_solver not in SOLVERS:
         raise InputError(f"sample_solver must be one of {', '.join(SOLVERS)}, got {sample_solver!r}")
@@ -344,12 +345,13 @@ class FLF2VPipeline:
 
     def generate(self, first_frame, last_frame, prompt: str, *, negative_prompt: str | None = None,
                  max_area: int | None = None, frame_num: int | None = None, sample_steps: int = 50,
-                 sample_shift: float = 16.0, guide_scale: float = 5.0, sample_solver: str = "unipc",
+                 sample_shift: float | None = None, guide_scale: float | None = None, sample_solver: str = "unipc",
                  seed: int = 0, progress: bool = True, decode: bool = True, cancel: threading.Event | None = None,
                  last_frame_fit: str = "resize", cache: str = "none", cache_threshold: float | None = None,
                  timesteps=None) -> Video:
         """max_area default 1280*720, frame_num default 81 (an engine pipeline: its profile's; the built-in
-        tiny models: 64*64, 17).
+        tiny models: 64*64, 17); guide_scale and sample_shift default to the checkpoint's (config.sample:
+        the official 5.0 and 16, the trained tiny model 2.0 and 16; an engine dir keeps its checkpoint's).
         sample_solver 'unipc' | 'dpm++' | 'euler'; timesteps: an explicit descending list in (0, 1000]
         (e.g. [1000, 750, 500, 250] for 4-step distilled LoRAs) replacing the solver's grid of sample_steps.
         guide_scale 1.0 is CFG-free: one batch-1 DiT call per step on the conditional branch, the negative
@@ -363,6 +365,8 @@ class FLF2VPipeline:
         model's documented default; higher skips more steps)."""
         notes: list[str] = []
         frame_num, max_area = self._resolve_target(frame_num, max_area)
+        guide_scale = self.config.sample.guide_scale if guide_scale is None else guide_scale
+        sample_shift = self.config.sample.shift if sample_shift is None else sample_shift
         validate(self.config, frame_num, sample_steps, guide_scale, max_area, sample_solver, sample_shift, seed,
                  timesteps=timesteps)
         self._check_cache(cache, cache_threshold)

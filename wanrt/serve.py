@@ -49,8 +49,8 @@ class GenerateRequest(BaseModel):
     max_area: int | None = Field(None, ge=256)
     frame_num: int | None = Field(None, ge=5)
     sample_steps: int = Field(50, ge=1, le=1000)
-    sample_shift: float = Field(16.0, gt=0)
-    guide_scale: float = Field(5.0, ge=0)
+    sample_shift: float | None = Field(None, gt=0, description="default: the checkpoint's (official 16)")
+    guide_scale: float | None = Field(None, ge=0, description="default: the checkpoint's (official 5.0)")
     sample_solver: Literal[SOLVERS] = "unipc"
     seed: int = Field(0, ge=0, lt=2**63)
     timeout_s: float = Field(600.0, gt=0)

@@ -166,12 +166,23 @@ def teacache_config(dit: DiTConfig) -> TeaCacheConfig | None:
 
 
 @dataclass(frozen=True)
+class SampleConfig:
+    """The sampling defaults a checkpoint is meant for, used where a request gives none (the official
+    wan/configs' sample_guide_scale and sample_shift: 5.0 and 16 for FLF2V-14B at 720p; the trained tiny
+    model: models/tiny.py)."""
+
+    guide_scale: float = 5.0
+    shift: float = 16.0
+
+
+@dataclass(frozen=True)
 class WanConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     t5: T5Config = field(default_factory=T5Config)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     name: str = "flf2v-14b"
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     @classmethod
     def flf2v_14b(cls) -> WanConfig:
@@ -219,4 +230,5 @@ class WanConfig:
             return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
 
         return cls(dit=build(DiTConfig, d["dit"]), vae=build(VAEConfig, d["vae"]), t5=build(T5Config, d["t5"]),
-                   clip=build(CLIPConfig, d["clip"]), name=d.get("name", ""))
+                   clip=build(CLIPConfig, d["clip"]), name=d.get("name", ""),
+                   sample=build(SampleConfig, d.get("sample", {})))  # manifests before it: the official values

@@ -79,8 +79,10 @@ class Checkpoint:
         self.folder, self.layout = resolve(path)
         self._src = _Official(self.folder) if self.layout == "official" else _Diffusers(self.folder)
         src = self._src
+        from .tiny import sample_config
+
         self.config = WanConfig(dit=src.dit_config(), vae=src.vae_config(), t5=src.t5_config(),
-                                clip=src.clip_config(), name=self.folder.name)
+                                clip=src.clip_config(), name=self.folder.name, sample=sample_config(self.folder))
 
     def weights(self, component: str) -> Weights | dict[str, torch.Tensor]:
         if component == "dit":

@@ -140,9 +140,10 @@ def summarize(scores: list[ClipScore]) -> dict[str, float]:
     return out
 
 
-def generate(pipe, clip: data.Clip, steps: int, guide_scale: float = 5.0, shift: float = 16.0, seed: int = 0,
-             solver: str = "unipc") -> np.ndarray:
-    """Run the pipeline on the clip's first/last frame and prompt at the clip's size and length."""
+def generate(pipe, clip: data.Clip, steps: int, guide_scale: float | None = None, shift: float | None = None,
+             seed: int = 0, solver: str = "unipc") -> np.ndarray:
+    """Run the pipeline on the clip's first/last frame and prompt at the clip's size and length (guide_scale,
+    shift None: the pipeline's defaults, those of `wanrt generate`)."""
     f, h, w = clip.frames.shape[:3]
     video = pipe(clip.frames[0], clip.frames[-1], clip.prompt, max_area=h * w, frame_num=f, sample_steps=steps,
                  guide_scale=guide_scale, sample_shift=shift, sample_solver=solver, seed=seed, progress=False)
