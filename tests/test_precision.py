@@ -186,10 +186,12 @@ def test_fp8_tiny_video_psnr():
     assert fp8.is_quantized(pipe.backends.modules["dit"])
     got = pipe(first, last, SAMPLE_PROMPT, **kw).frames
     value = psnr(got, ref)
-    # measured 34.9 dB on an Intel Xeon with AMX (bf16, i.e. fp8 not applied: 52.4 dB); the models before:
+    # measured 44.4 dB on an Intel Xeon with AMX (bf16, i.e. fp8 not applied: 56.3 dB) at the model's guide 2.0;
+    # at guide 5.0 34.9 / 52.4 dB; the models before (guide 5.0):
     # 38.1 / 53.4, 37.8 / 51.4 and 37.9 / 51.7 dB there, 40.2 / 50.7 dB on an AMD EPYC, 40.8 / 51.0, 39.0 / 52.7
-    # and 43.3 / 54.0 dB. Gate: >= 30 dB (the issue); upper 48 dB (under bf16's 50.7-53.4).
-    assert 30.0 <= value <= 48.0, value
+    # and 43.3 / 54.0 dB. Gate: >= 30 dB (the issue); upper 50 dB, between fp8 (44.4 here; other CPUs' bf16 kernels
+    # moved it by up to 5 dB at guide 5.0) and bf16 (56.3), so that an fp8 path that quantised nothing fails.
+    assert 30.0 <= value <= 50.0, value
 
 
 def test_fp8_input_errors():
