@@ -69,7 +69,8 @@ def targets(pipe, args) -> dict:
     for w, h in evaluate.TARGET_SIZES:
         for kind in ("model",) if args.model_only else ("model", "vae"):
             summary, scores = evaluate.targets(pipe, seeds, w, h, args.target_steps, vae_only=kind == "vae",
-                                               seed=args.seed, guide_scale=args.guide_scale, shift=args.shift)
+                                               seed=args.seed, guide_scale=args.guide_scale, shift=args.shift,
+                                               solver=args.solver)
             ok = [evaluate.meets_targets(s) for s in scores]
             summary["clips_passing"] = int(sum(ok))
             name = f"{w}x{h}" + ("" if kind == "model" else " vae")
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--first_clip", type=int, default=0, help="skip this many held-out seeds (20: the selection set)")
     p.add_argument("--guide_scale", type=float, help="default: the model's (wanrt generate's)")
     p.add_argument("--shift", type=float, help="default: the model's (16)")
+    p.add_argument("--solver", default="unipc", help="unipc, dpm++ or euler (wanrt generate's default: unipc)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the summary (and per-clip scores) here")
@@ -114,7 +116,7 @@ def main() -> None:
     for steps in args.steps:
         t0 = time.perf_counter()
         summary, scores = evaluate.evaluate(pipe, seeds, steps, guide_scale=args.guide_scale, shift=args.shift,
-                                            seed=args.seed)
+                                            seed=args.seed, solver=args.solver)
         summary["seconds_per_clip"] = (time.perf_counter() - t0) / len(seeds)
         results[steps] = {"summary": summary, "clips": [s.as_dict() for s in scores]}
         print(f"{steps:>5} " + " ".join(f"{summary[c]:>21.2f}" for c in COLUMNS)

@@ -60,7 +60,8 @@ BUILTIN_FRAMES = 17
 # The trained model's sampling defaults (its WanConfig.sample, so engine dirs built from it carry them too).
 # It passes more held-out clips at guide scale 2 than at the official 5: at 20 steps, `python scripts/eval_tiny.py
 # --targets --model_only --first_clip 40 --guide_scale G` (clips 40-59, which no reported figure uses, at the four
-# sizes) gives G = 1: 70, 1.5: 68, 2: 69, 3: 67, 5: 63, 8: 61 of 80 (shift 5 or 8 instead of 16: no better), and
+# sizes) gives G = 1: 70, 1.5: 68, 2: 69, 3: 67, 5: 63, 8: 61 of 80 (shift 5 or 8 instead of 16: no better; at 2,
+# `--solver dpm++` or `euler` instead of UniPC: 69 too, the same clips per size), and
 # clips 20-39 1: 78, 2: 77, 5: 77. 2 keeps CFG (batch 2) so that CFG-parallel runs and the default batch-2 engines
 # take the default; 1.0 (CFG-free) was one clip better on both sets, within noise. Tied to these weights (sweep
 # again when shipping others); a candidate in another folder samples at the official 5.0 unless given --guide_scale.
