@@ -169,7 +169,8 @@ def stage_vae_long(args, workdir: Path) -> None:
         crop = 32 if step < steps - args.vae_long_full_steps else None
         return train.vae_clip_batch(step, args.vae_long_batch, args.seed, crop, halo_weight=args.vae_long_halo_weight,
                                     motion_weight=args.vae_long_motion_weight,
-                                    object_weight=args.vae_long_object_weight)
+                                    object_weight=args.vae_long_object_weight, hop_fraction=args.vae_long_hops,
+                                    crop_on_object=args.vae_long_object_crops)
 
     train_vae(workdir, "vae_long", vae, params, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
               batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50,
@@ -463,6 +464,10 @@ def main() -> None:
                    help="vae_long object pixels weigh 1 + this (train._weighted_batch): their colour is the target")
     p.add_argument("--vae_long_motion_weight", type=float, default=0.0,
                    help="vae_long frames weigh 1 + this x their object motion squared (train.frame_motion)")
+    p.add_argument("--vae_long_hops", type=float, default=0.0,
+                   help="share of vae_long clips that are one object in a hop (train.vae_clip_batch; 0: as drawn)")
+    p.add_argument("--vae_long_object_crops", action="store_true",
+                   help="vae_long crops centred on the object of a frame drawn by its motion, not anywhere")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)
