@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "3ee5207bd23555b20ad9874b963b0cd25054c2c4c674177ef2bfef569031ee1b"
+TRAINED_SHA256 = "007442caf940b3b053b0f9bab4d8ebaf7248b7e8cd789cfaf9a53d588be8ad4a"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's
