@@ -186,7 +186,8 @@ def test_fp8_tiny_video_psnr():
     assert fp8.is_quantized(pipe.backends.modules["dit"])
     got = pipe(first, last, SAMPLE_PROMPT, **kw).frames
     value = psnr(got, ref)
-    # measured 44.4 dB on an Intel Xeon with AMX (bf16, i.e. fp8 not applied: 56.3 dB) at the model's guide 2.0;
+    # measured 44.4 dB on an Intel Xeon with AMX (bf16, i.e. fp8 not applied: 56.3 dB) at the model's guide 2.0
+    # (run 25's decoder and run 13's alike: 44.35 / 56.32 dB);
     # at guide 5.0 34.9 / 52.4 dB; the models before (guide 5.0):
     # 38.1 / 53.4, 37.8 / 51.4 and 37.9 / 51.7 dB there, 40.2 / 50.7 dB on an AMD EPYC, 40.8 / 51.0, 39.0 / 52.7
     # and 43.3 / 54.0 dB. Gate: >= 30 dB (the issue); upper 50 dB, between fp8 (44.4 here; other CPUs' bf16 kernels
