@@ -221,16 +221,16 @@ def _weighted_batch(draw, rng: np.random.Generator, batch: int, width: int, heig
         m = data.object_mask(v, background, threshold=8)
         r = dilate(m, halo) & ~m if halo_weight else np.zeros_like(m)
         motions.append(frame_motion(m))  # on the whole frame: a crop may cut the object
-        if crop and crop_on_object and m.any():
-            p = motions[-1] + 0.05 * m.any((1, 2))  # every frame with an object, fast ones far more often
-            i = int(rng.choice(len(m), p=p / p.sum()))
-            ys, xs = np.nonzero(m[i]) if m[i].any() else np.nonzero(m.any(0))
-            cy, cx = ys.mean() + rng.uniform(-crop / 4, crop / 4), xs.mean() + rng.uniform(-crop / 4, crop / 4)
-            y0 = int(np.clip(round(cy - crop / 2), 0, height - crop))
-            x0 = int(np.clip(round(cx - crop / 2), 0, width - crop))
-            v, m, r = (a[:, y0:y0 + crop, x0:x0 + crop] for a in (v, m, r))
-        elif crop:
-            y0, x0 = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
+        if crop:
+            if crop_on_object and m.any():
+                p = motions[-1] + 0.05 * m.any((1, 2))  # every frame with an object, fast ones far more often
+                i = int(rng.choice(len(m), p=p / p.sum()))
+                ys, xs = np.nonzero(m[i]) if m[i].any() else np.nonzero(m.any(0))
+                cy, cx = ys.mean() + rng.uniform(-crop / 4, crop / 4), xs.mean() + rng.uniform(-crop / 4, crop / 4)
+                y0 = int(np.clip(round(cy - crop / 2), 0, height - crop))
+                x0 = int(np.clip(round(cx - crop / 2), 0, width - crop))
+            else:
+                y0, x0 = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
             v, m, r = (a[:, y0:y0 + crop, x0:x0 + crop] for a in (v, m, r))
         vids.append(v)
         masks.append(m)
