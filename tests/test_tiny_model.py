@@ -42,7 +42,7 @@ def test_trained_model_samples_at_its_own_guide_scale(pipe, monkeypatch):
     clips there than at the official 5.0); a request without one gets it, an engine manifest's config keeps it,
     a given value wins, and tiny-random (like any other checkpoint) keeps the official 5.0 and 16. Switched off
     (SampleConfig() for the trained folder) the first assertion fails and test_readme_target_rows_at_64x64 with
-    it (guide 5.0: 11 clips, not 14)."""
+    it (with run 13's decoder: 11 clips at guide 5.0 against 14 at 2.0)."""
     from wanrt.models.config import SampleConfig, WanConfig
     from wanrt.samples import SAMPLE_PROMPT, sample_frames
 
