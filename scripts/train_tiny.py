@@ -28,6 +28,7 @@ stages save resumable state every 100 (VAE) / 250 (DiT) steps, so run it under n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -260,6 +261,10 @@ def load_dit_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
+def dit_blocks(state: dict[str, torch.Tensor]) -> int:
+    return len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+
+
 def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, lr: float, init: Path | None,
               given_weight: float) -> None:
     """Flow matching on pre-encoded latents; `tag` names the files (<tag>_state.pt, <tag>_ema.pt, ...)."""
@@ -273,12 +278,20 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     context, bias = lat["context"], lat["bias"]
     neg = len(lat["prompts"]) - 1
     torch.manual_seed(args.seed)
-    cfg = train.trained_config().dit
+    cfg = train.trained_config(dit_layers=args.dit_layers).dit
     dit = WanDiT(cfg).train()
     if init is None:
         train.init_dit(dit)
     else:  # a second run continues from the first run's EMA weights (or another trained DiT, --varied_init)
-        dit.load_state_dict(load_dit_state(init))
+        state = load_dit_state(init)
+        blocks = dit_blocks(state)
+        if blocks != cfg.num_layers:  # a deeper DiT grown from a trained one, the same function at step 0
+            try:
+                state = train.grow_dit(state, cfg.num_layers)
+            except ValueError as e:
+                raise SystemExit(f"error: {init}: {e}") from None
+            log(f"{tag}: {init} grown from {blocks} to {cfg.num_layers} blocks")
+        dit.load_state_dict(state)
     ema = train.EMA(dit, args.ema)
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ropes = {}
@@ -377,9 +390,13 @@ def stage_export(args, workdir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(workdir / "base", tmp)
     models = load_models(workdir)
-    dit = WanDiT(models.config.dit)
     final = "varied_ema.pt" if args.varied_steps else "dit_ema.pt"
-    dit.load_state_dict(torch.load(workdir / final, weights_only=True))
+    state = torch.load(workdir / final, weights_only=True)
+    # the base holds a 4-block DiT; a grown one (--dit_layers) sets its own depth, in config.json too
+    dit = WanDiT(dataclasses.replace(models.config.dit, num_layers=dit_blocks(state)))
+    dit.load_state_dict(state)
+    config = json.loads((tmp / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps({**config, "num_layers": dit.cfg.num_layers}, indent=2))
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
@@ -472,6 +489,9 @@ def main() -> None:
     p.add_argument("--dit_steps", type=int, default=3500)
     p.add_argument("--dit_batch", type=int, default=32)
     p.add_argument("--dit_lr", type=float, default=3e-3)
+    p.add_argument("--dit_layers", type=int, default=4,
+                   help="DiT blocks; more than --varied_init has grows it (train.grow_dit: new blocks start as "
+                        "the identity)")
     p.add_argument("--varied_clips", type=int, default=3200, help="clips of the second run over all its groups")
     p.add_argument("--varied_steps", type=int, default=8000, help="second-run DiT steps (0: ship the first run)")
     p.add_argument("--varied_lr", type=float, default=1e-3)

@@ -346,6 +346,38 @@ def test_readme_target_rows_at_64x64(pipe, kind):
     assert abs(got[3] - want[3]) <= 0.6 and abs(got[4] - want[4]) <= 0.006 and abs(got[5] - want[5]) <= 1, (got, want)
 
 
+def test_grow_dit_adds_blocks_that_start_as_the_identity_and_can_learn():
+    """--dit_layers N with a smaller --varied_init: train.grow_dit inserts blocks whose residual writes
+    (self_attn.o, cross_attn.o, ffn.2) are zero, so the grown DiT is the same function (measured max
+    difference 0.0 on outputs of size ~1; tolerance 1e-6), and those projections get gradients. Without the
+    zeroing the copied blocks add their output a second time and the outputs differ by O(1)."""
+    from wanrt.models.dit import WanDiT
+
+    torch.manual_seed(0)
+    small = WanDiT(train.trained_config().dit).eval()
+    grown_state = train.grow_dit(small.state_dict(), 6)
+    big = WanDiT(train.trained_config(dit_layers=6).dit).eval()
+    big.load_state_dict(grown_state)
+    c = small.cfg
+    x, y = torch.randn(1, c.out_dim, 3, 4, 4), torch.randn(1, c.in_dim - c.out_dim, 3, 4, 4)
+    context, clip = torch.randn(1, c.text_len, c.text_dim), torch.randn(1, 2 * c.clip_tokens, c.clip_dim)
+    args = (torch.tensor([700]), context, clip, y)
+    with torch.no_grad():
+        ref = small(x, *args)
+    out = big(x, *args)
+    assert ref.abs().max() > 0.1  # a real signal, not a zero head
+    assert torch.allclose(out, ref, atol=1e-6)
+    # old blocks 0-3 sit at 0, 1, 3, 4; the new ones (2, 5) copy the block before them, writes zeroed
+    assert torch.equal(grown_state["blocks.3.self_attn.q.weight"], small.state_dict()["blocks.2.self_attn.q.weight"])
+    assert torch.equal(grown_state["blocks.2.self_attn.q.weight"], small.state_dict()["blocks.1.self_attn.q.weight"])
+    out.square().mean().backward()
+    for name in ("self_attn.o", "cross_attn.o", "ffn.2"):
+        layer = big.get_submodule(f"blocks.5.{name}")
+        assert not layer.weight.any() and layer.weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="--dit_layers >= 4"):
+        train.grow_dit(small.state_dict(), 3)
+
+
 def test_soup_is_the_normalised_weighted_mean_of_one_models_runs():
     """Stage soup (scripts/train_tiny.py --soup A --soup B): the shipped DiT may be the mean of runs fine-tuned
     from one DiT. Exact up to fp32 rounding (measured max error 0 on these values; tolerance 1e-6)."""

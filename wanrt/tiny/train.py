@@ -56,11 +56,11 @@ def varied_clip(seed: int, frames: int, width: int, height: int) -> data.Clip:
     return data.make_scene(seed, frames, width, height) if seed % 2 else data.make_clip(seed, frames, width, height)
 
 
-def trained_config(vae_dim: int = 8, vae_res_blocks: int = 1) -> WanConfig:
+def trained_config(vae_dim: int = 8, vae_res_blocks: int = 1, dit_layers: int = 4) -> WanConfig:
     """Tiny T5/CLIP (frozen, random) as in WanConfig.tiny(); a wider, deeper DiT that can learn the
     task; the tiny VAE widths. 4 DiT heads, so the 2- and 4-way head splits of the tests still apply."""
     base = WanConfig.tiny()
-    dit = DiTConfig(dim=128, ffn_dim=384, freq_dim=64, text_dim=base.t5.dim, num_heads=4, num_layers=4,
+    dit = DiTConfig(dim=128, ffn_dim=384, freq_dim=64, text_dim=base.t5.dim, num_heads=4, num_layers=dit_layers,
                     clip_dim=base.clip.dim, clip_tokens=base.clip.num_tokens)
     # one residual block per level instead of two: same module types and chunking, half the convs,
     # which is what lets the VAE train in minutes on a CPU (the loader reads the widths from the weights)
@@ -437,6 +437,33 @@ def soup(states: list[dict[str, torch.Tensor]], weights: list[float], names: lis
                              "one model")
     total = float(sum(weights))
     return {k: sum(w / total * st[k].float() for w, st in zip(weights, states)).to(ref[k].dtype) for k in ref}
+
+
+def grow_dit(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A trained DiT with `num_layers` blocks that computes exactly the same function as `state`.
+
+    The old blocks keep their order, spread evenly over the new depth (4 -> 6: new blocks after old blocks 1
+    and 3); each new block is a copy of the old block before it with the three projections that write into
+    the residual stream (self_attn.o, cross_attn.o, ffn.2) zeroed, so it adds nothing until training moves
+    those (their gradients are not zero: the copied q/k/v/ffn.0 produce non-zero inputs to them). Capacity
+    grows without throwing away what the smaller DiT learned, as in "Net2Net" (Chen et al., 2016).
+    """
+    old = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    if num_layers < old:
+        raise ValueError(f"cannot grow a {old}-block DiT to {num_layers} blocks: pick --dit_layers >= {old}")
+    where = [i * num_layers // old for i in range(old)]  # new index of each old block
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    source = 0
+    for j in range(num_layers):
+        if j in where:
+            source = where.index(j)
+        for k, v in state.items():
+            if k.startswith(f"blocks.{source}."):
+                rest = k[len(f"blocks.{source}."):]
+                zero = j not in where and rest.split(".weight")[0].split(".bias")[0] in (
+                    "self_attn.o", "cross_attn.o", "ffn.2")
+                out[f"blocks.{j}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
+    return out
 
 
 def init_dit(dit) -> None:
