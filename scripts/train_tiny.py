@@ -377,7 +377,10 @@ def stage_soup(args, workdir: Path) -> None:
         return
     weights = args.soup_weights or [1.0] * len(args.soup)
     try:
-        soup = train.soup([load_dit_state(Path(f)) for f in args.soup], weights, names=args.soup)
+        states = [load_dit_state(Path(f)) for f in args.soup]
+        # a DiT shallower than --dit_layers joins grown (the same function), so a grown run soups with its start
+        states = [train.grow_dit(st, args.dit_layers) if dit_blocks(st) < args.dit_layers else st for st in states]
+        soup = train.soup(states, weights, names=args.soup)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     torch.save(soup, final)
