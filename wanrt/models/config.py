@@ -152,8 +152,8 @@ TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
         source="ali-vilab/TeaCache TeaCache4Wan2.1/teacache_generate.py, i2v 720P"),
     # BEGIN tiny teacache (written by scripts/fit_teacache.py; do not edit by hand)
     # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0010
-    (128, 4, 384): TeaCacheConfig(
-        coefficients=(2.81409317e+01, -1.16643753e+01, 1.51852082e+00, 1.32538723e-01, 1.89947484e-04),
+    (128, 6, 384): TeaCacheConfig(
+        coefficients=(3.13508074e+01, -1.27869343e+01, 1.70794533e+00, 1.19821054e-01, 1.88045334e-04),
         indicator="e", first_steps=1, last_steps=1, threshold=0.02,
         source="scripts/fit_teacache.py"),
     # END tiny teacache

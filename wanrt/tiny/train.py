@@ -56,6 +56,11 @@ def varied_clip(seed: int, frames: int, width: int, height: int) -> data.Clip:
     return data.make_scene(seed, frames, width, height) if seed % 2 else data.make_clip(seed, frames, width, height)
 
 
+# The shipped DiT's depth: trained with 4 blocks (the default below, which also fixes the seeded draw of the
+# frozen T5/CLIP in stage base), then grown to 6 (train.grow_dit, `train_tiny.py --dit_layers 6`) and trained on.
+SHIPPED_DIT_LAYERS = 6
+
+
 def trained_config(vae_dim: int = 8, vae_res_blocks: int = 1, dit_layers: int = 4) -> WanConfig:
     """Tiny T5/CLIP (frozen, random) as in WanConfig.tiny(); a wider, deeper DiT that can learn the
     task; the tiny VAE widths. 4 DiT heads, so the 2- and 4-way head splits of the tests still apply."""
