@@ -127,10 +127,12 @@ def test_fp8_keep_first_and_last_blocks(dits, step_inputs):
     ref = _step(dits["fp32"], step_inputs)
     err_keep = rel_l2(_step(kept, step_inputs), ref)
     err_all = rel_l2(_step(dits["fp8"], step_inputs), ref)
-    # measured: keep=1 0.0143 vs all-fp8 0.0198; keeping blocks in bf16 must change (lower) the error
+    # measured: keep=1 0.0436 vs all-fp8 0.0472 (the shipped 6-block DiT; an earlier 4-block model: 0.0143 /
+    # 0.0198); keeping blocks in bf16 must change (lower) the error
     assert err_keep < err_all and err_keep > 0.006, (err_keep, err_all)
-    with pytest.raises(ValueError, match="fp8_keep=3"):
-        load("tiny", components=["dit"], precision="fp8", fp8_keep=3)
+    too_many = n // 2 + 1  # keeps more than half the blocks at each end: refused before loading
+    with pytest.raises(ValueError, match=f"fp8_keep={too_many}"):
+        load("tiny", components=["dit"], precision="fp8", fp8_keep=too_many)
     with pytest.raises(ValueError, match="precision must be"):
         load("tiny", components=["dit"], precision="int4")
 
