@@ -261,10 +261,6 @@ def load_dit_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-def dit_blocks(state: dict[str, torch.Tensor]) -> int:
-    return len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-
-
 def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, lr: float, init: Path | None,
               given_weight: float) -> None:
     """Flow matching on pre-encoded latents; `tag` names the files (<tag>_state.pt, <tag>_ema.pt, ...)."""
@@ -284,7 +280,7 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
         train.init_dit(dit)
     else:  # a second run continues from the first run's EMA weights (or another trained DiT, --varied_init)
         state = load_dit_state(init)
-        blocks = dit_blocks(state)
+        blocks = train.dit_depth(state)
         if blocks != cfg.num_layers:  # a deeper DiT grown from a trained one, the same function at step 0
             try:
                 state = train.grow_dit(state, cfg.num_layers)
@@ -379,7 +375,7 @@ def stage_soup(args, workdir: Path) -> None:
     try:
         states = [load_dit_state(Path(f)) for f in args.soup]
         # a DiT shallower than --dit_layers joins grown (the same function), so a grown run soups with its start
-        states = [train.grow_dit(st, args.dit_layers) if dit_blocks(st) < args.dit_layers else st for st in states]
+        states = [train.grow_dit(st, args.dit_layers) if train.dit_depth(st) < args.dit_layers else st for st in states]
         soup = train.soup(states, weights, names=args.soup)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -396,7 +392,7 @@ def stage_export(args, workdir: Path) -> None:
     final = "varied_ema.pt" if args.varied_steps else "dit_ema.pt"
     state = torch.load(workdir / final, weights_only=True)
     # the base holds a 4-block DiT; a grown one (--dit_layers) sets its own depth, in config.json too
-    dit = WanDiT(dataclasses.replace(models.config.dit, num_layers=dit_blocks(state)))
+    dit = WanDiT(dataclasses.replace(models.config.dit, num_layers=train.dit_depth(state)))
     dit.load_state_dict(state)
     config = json.loads((tmp / "config.json").read_text())
     (tmp / "config.json").write_text(json.dumps({**config, "num_layers": dit.cfg.num_layers}, indent=2))

@@ -444,6 +444,11 @@ def soup(states: list[dict[str, torch.Tensor]], weights: list[float], names: lis
     return {k: sum(w / total * st[k].float() for w, st in zip(weights, states)).to(ref[k].dtype) for k in ref}
 
 
+def dit_depth(state: dict[str, torch.Tensor]) -> int:
+    """The number of blocks of a DiT state dict (blocks.N.*)."""
+    return len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+
+
 def grow_dit(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """A trained DiT with `num_layers` blocks that computes exactly the same function as `state`.
 
@@ -453,7 +458,7 @@ def grow_dit(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch
     those (their gradients are not zero: the copied q/k/v/ffn.0 produce non-zero inputs to them). Capacity
     grows without throwing away what the smaller DiT learned, as in "Net2Net" (Chen et al., 2016).
     """
-    old = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    old = dit_depth(state)
     if num_layers < old:
         raise ValueError(f"cannot grow a {old}-block DiT to {num_layers} blocks: pick --dit_layers >= {old}")
     where = [i * num_layers // old for i in range(old)]  # new index of each old block
@@ -465,8 +470,7 @@ def grow_dit(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch
         for k, v in state.items():
             if k.startswith(f"blocks.{source}."):
                 rest = k[len(f"blocks.{source}."):]
-                zero = j not in where and rest.split(".weight")[0].split(".bias")[0] in (
-                    "self_attn.o", "cross_attn.o", "ffn.2")
+                zero = j not in where and rest.rsplit(".", 1)[0] in ("self_attn.o", "cross_attn.o", "ffn.2")
                 out[f"blocks.{j}.{rest}"] = torch.zeros_like(v) if zero else v.clone()
     return out
 
