@@ -12,6 +12,7 @@ import torch
 
 from wanrt.metrics import psnr
 from wanrt.pipeline import FLF2VPipeline, InputError
+from wanrt.runtime.backends import GraphDiT
 from wanrt.runtime.memory import MODES, STAGES, MemoryPolicy
 from wanrt.runtime.step import Cancelled, CFGStep
 from wanrt.samples import sample_frames
@@ -338,18 +339,21 @@ def test_cuda_graph_replay_equals_eager_steps(tiny_official, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,frames_db", [("onnxruntime", 95.3), ("aoti", 97.1)])
+@pytest.mark.parametrize("backend,frames_db", [("onnxruntime", 94.1), ("aoti", 94.1)])
 def test_trained_tiny_engines_match_eager(tmp_path, backend, frames_db):
     """The README's Fidelity row "ONNX Runtime / AOTInductor video": the trained `tiny` (17 frames, 50 steps)
-    through fp32 engines vs eager, frames before encoding: README 95.3 / 97.1 dB, max 1/255 (measured with the
-    shipped model at its guide scale 2.0, which the engine dir keeps from the checkpoint's config, on an Intel
-    Xeon: onnxruntime 95.3 dB, aoti 97.1 dB, max 1; with the 4-block DiT before 95.3 / 94.1; with run 13's
+    through fp32 engines vs eager, frames before encoding: README 94.1 dB / identical, max 1/255 (measured with
+    the shipped model at its guide scale 2.0, which the engine dir keeps from the checkpoint's config, on an Intel
+    Xeon: onnxruntime 94.1 dB, max 1; aoti every frame equal to eager's (max 0: its fp32 differences round to the
+    same uint8 values); run 32's DiT before 95.3 / 97.1; the 4-block DiT before that 95.3 / 94.1; with run 13's
     decoder 95.3 / 100.1; at guide 5.0 91.0 / 93.1 and, on another session's Xeon,
     91.6 / 92.3 dB, max 1; the models before gave 92.3 / 94.1
     and 93.1 / 95.3 there, 89.7 / 91.6 on an AMD EPYC, 90.1 / 100.1, 95.3 / 94.1, 89.3 / 91.0 and 93.1 / 95.3).
-    Tolerance 9.5 dB under (3x the RMS error), at most 2/255 apart, and not
-    bit-identical (that would be eager). The mp4s are not compared: x264 at crf 18 turns a one-level
-    difference into different encoder decisions (measured 42.4 dB between the two encoded videos).
+    Tolerance 9.5 dB under (3x the RMS error; the aoti row, equal now, takes onnxruntime's figure) and at most
+    2/255 apart. Equal frames can be right, so what proves the engines ran is the pipeline's components: every
+    one is the requested backend and the DiT is an engine graph, not the eager module. The mp4s are not
+    compared: x264 at crf 18 turns a one-level difference into different encoder decisions (measured 42.4 dB
+    between the two encoded videos).
     Several minutes on 2 cores (AOTInductor compiles 7 graphs)."""
     from wanrt.engine import build
     from wanrt.engine.exporter import export
@@ -366,9 +370,11 @@ def test_trained_tiny_engines_match_eager(tmp_path, backend, frames_db):
         export("tiny", eng, target, precision="fp32", log=lambda s: None)
     else:
         build("tiny", eng, target, backend="aoti", precision="fp32", device="cpu", log=lambda s: None)
-    out = FLF2VPipeline.from_pretrained(backend=backend, engine_dir=eng, device="cpu")(a, b, SAMPLE_PROMPT,
-                                                                                      **kw).frames
+    pipe = FLF2VPipeline.from_pretrained(backend=backend, engine_dir=eng, device="cpu")
+    assert set(pipe.backends.names.values()) == {backend}, pipe.backends.names
+    assert isinstance(pipe.backends.dit, GraphDiT), type(pipe.backends.dit)
+    out = pipe(a, b, SAMPLE_PROMPT, **kw).frames
     value = psnr(out, ref)
     diff = np.abs(out.astype(int) - ref.astype(int)).max()
     print(f"\ntrained tiny, {backend} vs eager: frames {value:.1f} dB (max diff {diff})")
-    assert frames_db - 9.5 <= value < float("inf") and diff <= 2, (value, diff)
+    assert frames_db - 9.5 <= value and diff <= 2, (value, diff)

@@ -153,7 +153,7 @@ TEACACHE: dict[tuple[int, int, int], TeaCacheConfig] = {
     # BEGIN tiny teacache (written by scripts/fit_teacache.py; do not edit by hand)
     # tiny: 4 training clips x [20, 30, 50] steps, 388 pairs, degree 4, rms residual 0.0010
     (128, 6, 384): TeaCacheConfig(
-        coefficients=(3.13508074e+01, -1.27869343e+01, 1.70794533e+00, 1.19821054e-01, 1.88045334e-04),
+        coefficients=(3.59286856e+01, -1.46114594e+01, 1.96526290e+00, 1.05498820e-01, 2.35490567e-04),
         indicator="e", first_steps=1, last_steps=1, threshold=0.02,
         source="scripts/fit_teacache.py"),
     # END tiny teacache

@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 # The trained checkpoint shipped with the package, and the sha256 of its files (tree_sha256) as written by
 # scripts/train_tiny.py; a mismatch means the files were altered or are incomplete.
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-TRAINED_SHA256 = "cf234df76c1c240695ad2587aaba19a55ca30d847f5ee7a2cb63a61eb90354e5"
+TRAINED_SHA256 = "b3d67177ca8871a858c6e7e633c0c0995b993626f9022d7d9c26e02f4497871b"
 
 
 # What `--ckpt_dir tiny` / `tiny-random` generate when no size or frame count is given: the trained model's
