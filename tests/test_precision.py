@@ -188,13 +188,13 @@ def test_fp8_tiny_video_psnr():
     assert fp8.is_quantized(pipe.backends.modules["dit"])
     got = pipe(first, last, SAMPLE_PROMPT, **kw).frames
     value = psnr(got, ref)
-    # measured 47.6 dB on an Intel Xeon with AMX (bf16, i.e. fp8 not applied: 56.5 dB) at the model's guide 2.0
-    # (run 35's DiT and run 27's decoder); run 32's DiT before: 43.2 / 56.2 dB; the 4-block DiT before that: 44.4 /
-    # 56.3 dB (run 25's decoder and run 13's alike); at guide 5.0 34.9 / 52.4 dB; the models before (guide 5.0):
-    # 38.1 / 53.4, 37.8 / 51.4 and 37.9 / 51.7 dB there, 40.2 / 50.7 dB on an AMD EPYC, 40.8 / 51.0, 39.0 / 52.7
-    # and 43.3 / 54.0 dB. Gate: >= 30 dB (the issue); upper 52 dB, midway between fp8 (47.6 here; other CPUs'
-    # bf16 kernels moved it by up to 5 dB at guide 5.0) and bf16 (56.5), so that an fp8 path that quantised
-    # nothing fails.
+    # measured 47.6 dB on a 2-core AMD EPYC, AVX2 (bf16, i.e. fp8 not applied: 56.5 dB) at the model's guide 2.0
+    # (run 35's DiT and run 27's decoder); run 32's DiT before: 43.2 / 56.2 dB on that EPYC and on an Intel Xeon
+    # with AMX; the 4-block DiT before that: 44.4 / 56.3 dB on the Xeon (run 25's decoder and run 13's alike); at
+    # guide 5.0 34.9 / 52.4 dB; the models before (guide 5.0): 38.1 / 53.4, 37.8 / 51.4 and 37.9 / 51.7 dB there,
+    # 40.2 / 50.7 dB on an AMD EPYC, 40.8 / 51.0, 39.0 / 52.7 and 43.3 / 54.0 dB. Gate: >= 30 dB (the issue);
+    # upper 52 dB, midway between fp8 (47.6 here; other CPUs' bf16 kernels moved it by up to 5 dB at guide 5.0)
+    # and bf16 (56.5), so that an fp8 path that quantised nothing fails.
     assert 30.0 <= value <= 52.0, value
 
 

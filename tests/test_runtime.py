@@ -343,10 +343,10 @@ def test_cuda_graph_replay_equals_eager_steps(tiny_official, monkeypatch):
 def test_trained_tiny_engines_match_eager(tmp_path, backend, frames_db):
     """The README's Fidelity row "ONNX Runtime / AOTInductor video": the trained `tiny` (17 frames, 50 steps)
     through fp32 engines vs eager, frames before encoding: README 94.1 dB / identical, max 1/255 (measured with
-    the shipped model at its guide scale 2.0, which the engine dir keeps from the checkpoint's config, on an Intel
-    Xeon: onnxruntime 94.1 dB, max 1; aoti every frame equal to eager's (max 0: its fp32 differences round to the
-    same uint8 values); run 32's DiT before 95.3 / 97.1; the 4-block DiT before that 95.3 / 94.1; with run 13's
-    decoder 95.3 / 100.1; at guide 5.0 91.0 / 93.1 and, on another session's Xeon,
+    the shipped model at its guide scale 2.0, which the engine dir keeps from the checkpoint's config, on a 2-core
+    AMD EPYC: onnxruntime 94.1 dB, max 1; aoti every frame equal to eager's (max 0: its fp32 differences round to
+    the same uint8 values); on an Intel Xeon: run 32's DiT before 95.3 / 97.1; the 4-block DiT before that
+    95.3 / 94.1; with run 13's decoder 95.3 / 100.1; at guide 5.0 91.0 / 93.1 and, on another session's Xeon,
     91.6 / 92.3 dB, max 1; the models before gave 92.3 / 94.1
     and 93.1 / 95.3 there, 89.7 / 91.6 on an AMD EPYC, 90.1 / 100.1, 95.3 / 94.1, 89.3 / 91.0 and 93.1 / 95.3).
     Tolerance 9.5 dB under (3x the RMS error; the aoti row, equal now, takes onnxruntime's figure) and at most
