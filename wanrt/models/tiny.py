@@ -64,8 +64,9 @@ BUILTIN_FRAMES = 17
 # `--solver dpm++` or `euler` instead of UniPC: 69 too, the same clips per size), and
 # clips 20-39 1: 78, 2: 77, 5: 77. 2 keeps CFG (batch 2) so that CFG-parallel runs and the default batch-2 engines
 # take the default; 1.0 (CFG-free) was one clip better on both sets, within noise. Rechecked with run 32's 6-block
-# DiT (shipped now), clips 40-59: G = 1: 71, 2: 72, 3: 71. Tied to these weights (sweep again when shipping
-# others); a candidate in another folder samples at the official 5.0 unless given --guide_scale.
+# DiT, clips 40-59: G = 1: 71, 2: 72, 3: 71; with run 35's DiT and run 27's decoder (shipped now): 74, 73, 73.
+# Tied to these weights (sweep again when shipping others); a candidate in another folder samples at the official
+# 5.0 unless given --guide_scale.
 TRAINED_SAMPLE = SampleConfig(guide_scale=2.0, shift=16.0)
 
 
