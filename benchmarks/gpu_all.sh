@@ -22,6 +22,8 @@
 # PYTHON picks it, PYTHONPATH gets this tree so the checkout runs without installing.
 #
 #   bash benchmarks/gpu_all.sh                    # BUDGET=470 seconds by default
+#   ONLY=gpu-aoti-small-720p,gpu-pipeline bash benchmarks/gpu_all.sh    # a second call: the steps a first one
+#                                                 # did not reach (names as in the '== NAME' lines)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -42,6 +44,9 @@ left() {  # seconds of budget left, capped at $1
 
 step() {  # step NAME CAP CMD...: run CMD under min(CAP, budget left); log to $OUT/NAME.log
     local name=$1 cap=$2; shift 2
+    if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]]; then
+        return
+    fi
     local limit; limit=$(left "$cap")
     if (( limit < 30 )); then
         echo "== $name: skipped, only ${limit}s of the budget left" | tee "$OUT/$name.log"
