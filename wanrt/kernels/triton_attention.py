@@ -206,14 +206,26 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("attention over zero keys is undefined")
 
 
+def with_overrides(cfg: dict, config: dict | None) -> dict:
+    """A kernel's default tile config with `config`'s keys replacing its own (for tile sweeps)."""
+    if config:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown tile config keys {sorted(unknown)}; known: {sorted(cfg)}")
+        cfg = {**cfg, **config}
+    return cfg
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int | None = None,
-                    block_n: int | None = None, launch: Launch = direct) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in q's dtype."""
+                    block_n: int | None = None, config: dict | None = None,
+                    launch: Launch = direct) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in q's dtype.
+    config: overrides of flash_config's BLOCK_M / BLOCK_N / num_warps / num_stages (tile sweeps)."""
     check_qkv(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    cfg = flash_config(d, q.dtype)
+    cfg = with_overrides(flash_config(d, q.dtype), config)
     bm, bn = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
     o = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(lq, bm), b * h)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import INTERPRET, LOG2E, Launch, block_d, check_qkv, direct, round_e4m3, round_to
+from .triton_attention import INTERPRET, LOG2E, Launch, block_d, check_qkv, direct, round_e4m3, round_to, with_overrides
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
@@ -188,11 +188,12 @@ def sage_config(d: int) -> dict:
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto",
                    smooth_k: bool = True, block_m: int | None = None, block_n: int | None = None,
-                   launch: Launch = direct) -> torch.Tensor:
+                   config: dict | None = None, launch: Launch = direct) -> torch.Tensor:
     """8-bit softmax(q k^T / sqrt(D)) v; q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype.
 
     pv: P.V precision ("auto" | "fp8" | "fp16", see resolve_pv). smooth_k=False skips the K mean
-    subtraction (for measuring what it buys).
+    subtraction (for measuring what it buys). config: overrides of sage_config's BLOCK_M / BLOCK_N /
+    num_warps / num_stages (tile sweeps).
     """
     check_qkv(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -200,7 +201,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str
     lk = k.shape[1]
     mode = resolve_pv(pv, q.device)
     emulate_fp8 = mode == "fp8" and INTERPRET
-    cfg = sage_config(d)
+    cfg = with_overrides(sage_config(d), config)
     bm, bn = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
     bd = block_d(d, 32)  # int8 dots want K >= 32
     lq_pad, lk_pad = triton.cdiv(lq, bm) * bm, triton.cdiv(lk, bn) * bn
