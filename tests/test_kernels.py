@@ -289,7 +289,7 @@ def test_gelu_emits_fp8_rows(dtype, c):
     assert differ < 0.01, differ
     step = torch.where(qrf.abs() >= 2 ** -6, qrf.abs() * 2 ** -3, torch.full_like(qrf, 2 ** -9))  # e4m3 spacing
     assert ((qf - qrf).abs() <= step * 1.01).all()
-    assert torch.allclose(s, sr, rtol=1e-6, atol=0) and torch.equal(q[0, 2].float(), torch.zeros(c))
+    assert torch.allclose(s, sr, rtol=1e-6, atol=0) and torch.equal(q[0, 2].float(), torch.zeros(c, device=DEV))
     with fused.use("triton"):
         rows = fused.gelu_tanh(x, fp8.FP8)
     assert isinstance(rows, fp8.QuantizedRows) and torch.equal(rows.q.float(), qf) and torch.equal(rows.scale, s)
@@ -319,6 +319,10 @@ def test_qk_norm_rope(dtype, w_dtype, b, l, c, h):
 @on_device
 def test_attention_seam_routes_through_the_kernels():
     q, k, v = _qkv(1, 40, 70, 2, 32, dtype=torch.bfloat16)
+    # vs SDPA, measured: flash 1.5e-3; sage with fp16 P.V (the interpreter's "auto") 1.0e-2; with e4m3 P.V (a
+    # GPU's "auto") 3.05e-2 on an H200 and 3.01e-2 emulated (pv="fp8" under the interpreter)
+    fp8_pv = triton_sage.resolve_pv("auto", DEV) == "fp8"
+    tol = {"flash": 5e-3, "sage": 0.08 if fp8_pv else 0.03}
     for name, op in [("flash", "wanrt.flash_attention.default"), ("sage", "wanrt.sage_attention.default")]:
         with _OpLog() as log, attention.use(name):
             out = attention.attention(q, k, v)
@@ -327,7 +331,7 @@ def test_attention_seam_routes_through_the_kernels():
         direct = triton_attention.flash_attention if name == "flash" else triton_sage.sage_attention
         kernel = direct(q, k, v)
         assert torch.equal(out, kernel)  # the seam's result is the kernel's
-        assert _rel(out, attention.attention(q, k, v)) < 0.03
+        assert _rel(out, attention.attention(q, k, v)) < tol[name]
     with _OpLog() as log:
         attention.attention(q, k, v)
     assert not any(n.startswith("wanrt.") for n in log.names)

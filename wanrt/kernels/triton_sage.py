@@ -183,7 +183,12 @@ def resolve_pv(pv: str, device: torch.device) -> str:
 def sage_config(d: int) -> dict:
     if INTERPRET:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if block_d(d, 32) <= 64 else 8, "num_stages": 3}
+    if block_d(d, 32) <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    # D = 128 (the 14B model): 64x128 tiles, 4 warps, measured fastest of 12 on an H200 at L = 75,600
+    # (328 ms, 713 TFLOP/s; the 128x64 / 8-warp tiles before: 417 ms; cuDNN SDPA: 398 ms),
+    # benchmarks/results/h200-2026-12-04/attention-sweep.json
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto",
