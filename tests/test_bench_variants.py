@@ -71,3 +71,29 @@ def test_command_line_records_the_new_options():
                        profile=True)
     assert "--precision fp8" in cmd and "--fp8_keep 1" in cmd and cmd.endswith("--profile")
     assert "--fp8_keep" not in command_line("tiny", (64, 48), 9, "eager", "dit_step", 1, 0, "auto", True, 2)
+
+
+def test_profile_breakdown_counts_cuda_kernels_once():
+    """On CUDA torch.profiler lists each kernel as an event of its own besides the op that launched it (whose
+    self device time already holds the kernel's). The H200 run of 2026-12-04 added them to 'other', which then
+    read exactly 50% of a doubled total. Fake events: a GEMM op with its 100 us kernel, an SDPA op with its
+    300 us kernel, and a 30 us kernel no op launched."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from wanrt.bench.profile import breakdown
+
+    def ev(name, dev, us, shapes=()):
+        return SimpleNamespace(name=name, device_type=dev, self_device_time_total=us, self_cpu_time_total=1,
+                               input_shapes=list(shapes), input_dtypes=[], flops=0)
+
+    events = [ev("aten::mm", DeviceType.CPU, 100, [[64, 32], [32, 16]]), ev("sm90_gemm_bf16", DeviceType.CUDA, 100),
+              ev("aten::_scaled_dot_product_cudnn_attention", DeviceType.CPU, 300),
+              ev("cudnn_generated_fort_native_sdpa", DeviceType.CUDA, 300),
+              ev("triton_poi_fused_add", DeviceType.CUDA, 30)]
+    b = breakdown(events, "cuda")
+    c = b["classes"]
+    assert b["total_s"] == pytest.approx(430e-6)  # the device's busy time, not 860
+    assert c["gemm"]["time_s"] == pytest.approx(100e-6) and c["attention"]["time_s"] == pytest.approx(300e-6)
+    assert c["other"]["time_s"] == pytest.approx(30e-6) and c["other"]["calls"] == 0

@@ -1,7 +1,9 @@
 """`wanrt bench --profile`: where one call's time goes, per op class (torch.profiler).
 
 Every profiled op's SELF time (device time on CUDA, CPU time otherwise; nested ops are not counted
-twice) lands in one class:
+twice) lands in one class. On CUDA the kernels themselves are events too: they are not counted again
+(their time is already their op's); kernels no op launched (e.g. outside any aten/wanrt op) go to other,
+so the classes add up to the device's busy time. The classes:
 - attention: SDPA and its backends, our Triton attention ops (wanrt::flash_attention / sage_attention);
 - gemm: matmuls, linears' addmm, _scaled_mm (FP8), convolutions;
 - elementwise: memory-bound pointwise work and reductions (norms, casts, copies, adds, GELU, RoPE,
@@ -67,12 +69,23 @@ def _bytes(shapes: list, dtypes: list) -> int:
     return sum(sizes) + max(sizes, default=0)
 
 
+def _is_device_event(e) -> bool:
+    """A kernel (or memcpy/memset) event, as opposed to the op on the host that launched it."""
+    from torch.autograd import DeviceType
+
+    return getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU
+
+
 def breakdown(events, device_type: str) -> dict:
     """{class: {time_s, calls, flops, bytes, tflops, gbps, share}} from profiler events, plus 'total_s'."""
     out = {c: {"time_s": 0.0, "calls": 0, "flops": 0, "bytes": 0} for c in CLASSES}
+    kernels_us = 0.0  # CUDA: the device's busy time, summed over the kernel events themselves
     for e in events:
         name = e.key if hasattr(e, "key") else e.name
         us = e.self_device_time_total if device_type == "cuda" else e.self_cpu_time_total
+        if device_type == "cuda" and _is_device_event(e):
+            kernels_us += us  # already in its op's self device time: counting it here too doubled the total
+            continue
         c = classify(name)
         if device_type == "cuda" and us == 0 and c != "other":
             continue  # the op's kernels ran under a child op that carries the time
@@ -84,6 +97,10 @@ def breakdown(events, device_type: str) -> dict:
             slot["flops"] += _flops(name, shapes, getattr(e, "flops", 0))
         elif c == "elementwise":
             slot["bytes"] += _bytes(shapes, list(getattr(e, "input_dtypes", None) or []))
+    if device_type == "cuda":
+        unattributed = kernels_us * 1e-6 - sum(v["time_s"] for v in out.values())
+        if unattributed > 0:  # kernels no profiled op launched
+            out["other"]["time_s"] += unattributed
     total = sum(v["time_s"] for v in out.values())
     for v in out.values():
         t = v["time_s"]
