@@ -19,7 +19,10 @@
 # Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results/<gpu>-<date>.
 #
 # Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels]');
-# PYTHON picks it, PYTHONPATH gets this tree so the checkout runs without installing.
+# PYTHON picks it, PYTHONPATH gets this tree so the checkout runs without installing. The device machines'
+# image lacks ftfy (T5's prompt cleaning; step 7 needs it): fetch it here once as wheels,
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ftfy wcwidth      (.whl/ is git-ignored)
+# and name .whl in the device call's carry: this script installs what it finds there into /tmp/wanrt-site.
 #
 #   bash benchmarks/gpu_all.sh                    # BUDGET=470 seconds by default
 #   ONLY=gpu-aoti-small-720p,gpu-pipeline bash benchmarks/gpu_all.sh    # a second call: the steps a first one
@@ -35,6 +38,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
+if ! $PY -c "import ftfy" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/wanrt-site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/wanrt-site"
+fi
 
 left() {  # seconds of budget left, capped at $1
     local rest=$(( BUDGET - ($(date +%s) - START) ))
@@ -79,7 +86,12 @@ step gpu-compiled-small-720p 70 $PY -m wanrt.bench --ckpt_dir random:small --siz
 step gpu-aoti-small-720p 150 $PY -m wanrt.bench --ckpt_dir random:small --size '1280*720' --frame_num 81 \
     --backends eager,aoti --precision fp8 --what dit_step --repeat 2 --warmup 1 --json "$OUT/gpu-aoti-small-720p.json"
 
-step gpu-pipeline 80 $PY benchmarks/gpu_pipeline.py --json "$OUT/gpu-pipeline.json"
+if ! $PY -c "import ftfy" 2>/dev/null; then
+    echo "== gpu-pipeline: skipped: ftfy is not importable (carry it as wheels, see the header)" \
+        | tee "$OUT/gpu-pipeline.log"
+else
+    step gpu-pipeline 80 $PY benchmarks/gpu_pipeline.py --json "$OUT/gpu-pipeline.json"
+fi
 
 for f in "$OUT"/dit-step.json "$OUT"/profile-2-blocks.json "$OUT"/gpu-compiled-small-720p.json \
         "$OUT"/gpu-aoti-small-720p.json; do
