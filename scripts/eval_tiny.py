@@ -67,7 +67,7 @@ def targets(pipe, args) -> dict:
           f"{'max rel. centroid':>17} {'pass':>5}")
     seeds = data.heldout_seeds(args.clips, args.first_clip)
     for w, h in evaluate.TARGET_SIZES:
-        for kind in ("model",) if args.model_only else ("model", "vae"):
+        for kind in ("model",) if args.model_only else ("vae",) if args.vae_only else ("model", "vae"):
             summary, scores = evaluate.targets(pipe, seeds, w, h, args.target_steps, vae_only=kind == "vae",
                                                seed=args.seed, guide_scale=args.guide_scale, shift=args.shift,
                                                solver=args.solver)
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--targets", action="store_true", help="only the issue-18 targets table (see targets())")
     p.add_argument("--target_steps", type=int, default=20)
     p.add_argument("--model_only", action="store_true", help="--targets without the VAE-alone rows")
+    p.add_argument("--vae_only", action="store_true",
+                   help="--targets with only the VAE-alone rows (encode + decode the truth: selects decoders)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = FLF2VPipeline.from_pretrained(args.ckpt_dir, device="cpu")

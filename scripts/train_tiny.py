@@ -99,7 +99,7 @@ def stage_base(args, workdir: Path) -> None:
 
 def train_vae(workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr: float, warmup: int,
               noise_seed: int, batch_of, train_encoder: bool = True, log_every: int = 50, save_every: int = 100,
-              latent_noise: float = 0.1) -> None:
+              latent_noise: float = 0.1, colour_weight: float = 0.0) -> None:
     """AdamW on `params` with a cosine schedule, resumable from <tag>_state.pt; batch_of(step) -> (video,
     weight); the latent noise is seeded by noise_seed + step. -> <tag>.pth, <tag>_history.json."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -117,7 +117,8 @@ def train_vae(workdir: Path, tag: str, vae: WanVAE, params: list, steps: int, lr
                 g["lr"] = train.cosine_lr(step, steps, lr, warmup=warmup)
             torch.manual_seed(noise_seed + step)  # latent noise, reproducible across resumes
             video, weight = batch_of(step)
-            loss = train.vae_loss(vae, video, weight, latent_noise=latent_noise, train_encoder=train_encoder)
+            loss = train.vae_loss(vae, video, weight, latent_noise=latent_noise, train_encoder=train_encoder,
+                                  colour_weight=colour_weight)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,7 +176,7 @@ def stage_vae_long(args, workdir: Path) -> None:
 
     train_vae(workdir, "vae_long", vae, params, steps, args.vae_long_lr, 20, args.seed * 1_000_003 + 700_000,
               batch_of, train_encoder=args.vae_long_encoder, log_every=25, save_every=50,
-              latent_noise=args.vae_long_latent_noise)
+              latent_noise=args.vae_long_latent_noise, colour_weight=args.vae_long_colour_weight)
 
 
 def stage_vae_eval(args, workdir: Path) -> None:
@@ -482,6 +483,8 @@ def main() -> None:
                    help="vae_long frames weigh 1 + this x their object motion squared (train.frame_motion)")
     p.add_argument("--vae_long_hops", type=float, default=0.0,
                    help="share of vae_long clips that are one object in a hop (train.vae_clip_batch; 0: as drawn)")
+    p.add_argument("--vae_long_colour_weight", type=float, default=0.0,
+                   help="vae_long weight of the error's 4x4-cell means (train.vae_loss: the objects' tint; 0: none)")
     p.add_argument("--vae_long_object_crops", action="store_true",
                    help="vae_long crops centred on the object of a frame drawn by its motion, not anywhere")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")

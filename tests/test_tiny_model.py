@@ -182,6 +182,29 @@ def test_decoder_fine_tune_trains_the_decoder_on_whole_clips_and_leaves_the_enco
     assert losses[0.0, 1] == losses[0.0, 2] and losses[0.1, 1] != losses[0.1, 2]
 
 
+def test_colour_term_charges_a_uniform_tint_more_than_pixel_noise_of_the_same_size(monkeypatch):
+    """--vae_long_colour_weight (train.vae_loss): the error's 4x4-cell means, so a tint (what the held-out colour
+    check reads) costs more than zero-mean pixel noise of the same pixel MSE; with weight 0 both cost the same."""
+    from wanrt.models.vae import WanVAE
+
+    video, weight = train.vae_clip_batch(0, 2, 0, crop=16)
+    torch.manual_seed(0)
+    vae = WanVAE(train.trained_config().vae)
+    with torch.no_grad():
+        decoded = train.vae_decode_train(vae, train.vae_encode_train(vae, video))
+    tint = torch.full_like(video, 0.2)
+    noise = 0.2 * torch.sign(torch.randn_like(video))  # same per-pixel size, mean ~0 over a 4x4 cell
+    costs = {}
+    for name, delta in (("tint", tint), ("noise", noise)):
+        for cw in (0.0, 4.0):
+            # the loss of an output that differs from the target (the decoder's own output) by exactly delta
+            monkeypatch.setattr(train, "vae_decode_train", lambda _vae, z, delta=delta: decoded + delta)
+            costs[name, cw] = train.vae_loss(vae, decoded, weight, latent_noise=0.0, train_encoder=False,
+                                             colour_weight=cw).recon
+    assert abs(costs["tint", 0.0] - costs["noise", 0.0]) < 1e-6  # the pixel loss cannot tell them apart
+    assert costs["tint", 4.0] - costs["tint", 0.0] > 5 * (costs["noise", 4.0] - costs["noise", 0.0])
+
+
 def test_halo_weight_covers_the_background_around_the_object_and_nothing_else():
     """--vae_long_halo_weight: the background within 3 px of the object weighs more (a blurry decoder paints
     object-background blends there, which the colour check reads as object pixels of a wrong colour); object

@@ -291,9 +291,12 @@ class VAELoss:
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor | None = None, latent_noise: float = 0.1,
-             moment_weight: float = 0.05, train_encoder: bool = True) -> VAELoss:
+             moment_weight: float = 0.05, train_encoder: bool = True, colour_weight: float = 0.0) -> VAELoss:
     """train_encoder=False: the encoder is frozen (no gradients, no moment term), so latents encoded
-    before (and a DiT trained on them) stay valid while the decoder trains."""
+    before (and a DiT trained on them) stay valid while the decoder trains. colour_weight: a term on the
+    error's mean over 4x4-pixel cells (weighted like the pixels), i.e. a local tint: the held-out colour check
+    (evaluate.object_checks) reads an object's MEAN colour, which a per-pixel loss lets a decoder trade against
+    the object's edges (a small fast disk comes out evenly desaturated)."""
     with contextlib.nullcontext() if train_encoder else torch.no_grad():
         z = vae_encode_train(vae, video)
     if not train_encoder:
@@ -305,6 +308,10 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, weight: torch.Tensor | None = Non
     w = torch.ones_like(video[:, :1]) if weight is None else weight
     err = out - video
     recon = ((w * err.square()).mean() + 0.5 * (w * err.abs()).mean()) / w.mean()
+    if colour_weight:
+        cell = (1, 4, 4)  # every trained size (crops of 32, frames of 48/64/96) is a multiple of 4
+        e, wc = F.avg_pool3d(err, cell), F.avg_pool3d(w.expand_as(err[:, :1]), cell)
+        recon = recon + colour_weight * (wc * e.square()).mean() / wc.mean()
     flat = z.transpose(0, 1).reshape(z.shape[1], -1)  # per latent channel
     moments = flat.mean(1).square().mean() + (flat.var(1) - 1.0).square().mean()
     with torch.no_grad():
