@@ -5,8 +5,9 @@
 #   1. the GPU tests (pytest -m gpu): Triton kernels on real launches, torch.compile, CUDA graph replay,
 #      FP8 _scaled_mm vs its CPU emulation, the one-pass FP8 quantisation kernel;
 #   2. benchmarks/gpu_precision.py --parts steps: full 40-block CFG steps (random 14B weights, 1280*720 x 81
-#      = 75,600 tokens, batch 2): eager, exact fused, fp8 GEMMs, fp8 GEMMs + 8-bit attention, `wanrt bench`
-#      JSON with s/step and error vs eager (dit-step.json, rewritten after each row);
+#      = 75,600 tokens, batch 2): eager, fp8 GEMMs, fp8 + 8-bit attention + our norm kernels, `wanrt bench`
+#      JSON with s/step and error vs eager (dit-step.json, rewritten after each row); then 8-block steps with
+#      every row between (exact fusion, fp8, + sage, + triton: dit-step-8-blocks.json);
 #   3. --parts attention,profile: attention at the real shape (cuDNN SDPA, our bf16 flash, our 8-bit sage)
 #      and the per-op-class profile of a 2-block full-width step (eager, fp8 + fused + sage);
 #   4. --parts gemm: the GEMMs at the real shapes (M = 151,200; bf16 vs _scaled_mm tensor-wise / row-wise,
@@ -67,10 +68,15 @@ step() {  # step NAME CAP CMD...: run CMD under min(CAP, budget left); log to $O
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step gpu-tests 80 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
+step gpu-tests 120 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
     tests/test_precision.py tests/test_triton_quant.py
 
-step gpu-dit-steps 250 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT"
+# the 40-block step: the reference, the FP8 GEMMs, and everything (226 s for all five rows on 2026-12-04);
+# the 8-block step: every row, each transform's own share (61 s)
+step gpu-dit-steps 200 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT" \
+    --variants eager,eager+fused+fp8,eager+fused+fp8+sage+triton
+
+step gpu-dit-steps-8 90 $PY benchmarks/gpu_precision.py --parts steps --layers 8 --out "$OUT"
 
 step gpu-attention-profile 80 $PY benchmarks/gpu_precision.py --parts attention,profile --out "$OUT"
 

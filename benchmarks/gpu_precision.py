@@ -273,6 +273,16 @@ def _one_variant(variant, models, inputs, device, info, flops, repeat, warmup, p
     return row, out.detach().float().cpu()
 
 
+def check_variants(spec: str, known: list[str]) -> list[str]:
+    """--variants: a comma list of rows from `known` (this device's rows), the eager reference first."""
+    chosen = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in known]
+    if unknown or not chosen or chosen[0] != "eager":
+        raise SystemExit(f"error: --variants {spec!r}: give 'eager' first, then rows of {', '.join(known[1:])}"
+                         + (f" (unknown here: {', '.join(unknown)})" if unknown else ""))
+    return chosen
+
+
 def report_json(rows, info, cfg, size, variants, repeat, warmup, command, notes) -> dict:
     from wanrt.bench import flops as flops_mod
     from wanrt.bench.hardware import versions
@@ -300,6 +310,9 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny config, toy sizes: checks the script")
     ap.add_argument("--parts", default="gemm,attention,profile,steps")
     ap.add_argument("--layers", type=int, default=None, help="blocks of the full step (default: all 40)")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of step rows, a subset of the default (eager first): e.g. "
+                         "eager,eager+fused+fp8,eager+fused+fp8+sage+triton")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
@@ -343,17 +356,20 @@ def main() -> int:
         with contextlib.suppress(AttributeError):
             torch.cuda.empty_cache()
     if "steps" in parts:
-        cfg40, models = make_dit(cfg, device, args.layers)
         variants = ["eager", "eager+fused", "eager+fused+fp8"]
         if device.type == "cuda":
             variants.append("eager+fused+fp8+sage")
         variants.append(variants[-1] + "+triton")  # the norms/GELU quantising for the FP8 GEMMs (exact)
+        if args.variants:
+            variants = check_variants(args.variants, variants)
+        name = "dit-step.json" if args.layers is None else f"dit-step-{args.layers}-blocks.json"
+        cfg40, models = make_dit(cfg, device, args.layers)
         notes = ["random weights; rows share one model transformed in place (fusion and fp8 are load-time "
                  "transforms); eager+fused+fp8 is the fp8 GEMM row (fusion is exact, tests/test_fusion.py); "
                  "warm-up calls only before a variant that brings a new attention kernel"]
 
         def save(done, info):
-            write(out, "dit-step.json", report_json(done, info, cfg40, size, [r.backend for r in done], args.repeat,
+            write(out, name, report_json(done, info, cfg40, size, [r.backend for r in done], args.repeat,
                                                     args.warmup, command, notes))
 
         rows, info = step_rows(cfg40, models, device, size, variants, args.repeat, args.warmup, profile=False,
