@@ -16,7 +16,8 @@
 #      full token count;
 #   6. AOTInductor vs eager (bf16 reference, eager+fp8, aoti fp8) on the small random config at the full
 #      token count (a 40-block 14B package does not compile within this budget);
-#   7. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CPU video.
+#   7. the whole pipeline on CUDA with the trained tiny model: every runtime option vs the fp32 CUDA video;
+#   8. the attention kernels' tile sweep (benchmarks/gpu_attention_sweep.py).
 # Results go to $OUT (the folder that comes back from the device machine) or benchmarks/results/<gpu>-<date>.
 #
 # Needs a Python with CUDA torch and wanrt's dependencies (pip install -e '.[export,kernels]');
@@ -98,6 +99,9 @@ if ! $PY -c "import ftfy" 2>/dev/null; then
 else
     step gpu-pipeline 80 $PY benchmarks/gpu_pipeline.py --json "$OUT/gpu-pipeline.json"
 fi
+
+# tile configs of our attention kernels at the 14B shape (how sage's defaults were picked; H100 and H200 may differ)
+step gpu-attention-sweep 120 $PY benchmarks/gpu_attention_sweep.py --budget 100 --json "$OUT/attention-sweep.json"
 
 for f in "$OUT"/dit-step.json "$OUT"/profile-2-blocks.json "$OUT"/gpu-compiled-small-720p.json \
         "$OUT"/gpu-aoti-small-720p.json; do
