@@ -269,6 +269,11 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     if final.is_file():
         return
     lat = torch.load(workdir / latents, weights_only=True)
+    extra = [Path(x) for x in (args.varied_latents_extra if tag == "varied" else [])]
+    if extra:  # more clips at once: other runs' pre-encoded sets (the same VAE and text encoder)
+        lat = train.merge_latents([lat] + [torch.load(x, weights_only=True) for x in extra])
+        log(f"{tag}: {latents} + {', '.join(map(str, extra))}: "
+            f"{sum(len(g['x0']) for g in lat['groups'].values())} clips, {len(lat['prompts'])} prompts")
     sets = {k: train.LatentSet(**v) for k, v in lat["groups"].items()}
     keys = list(sets)
     shares = np.array([g[3] for g in groups])
@@ -483,6 +488,8 @@ def main() -> None:
                    help="vae_long frames weigh 1 + this x their object motion squared (train.frame_motion)")
     p.add_argument("--vae_long_hops", type=float, default=0.0,
                    help="share of vae_long clips that are one object in a hop (train.vae_clip_batch; 0: as drawn)")
+    p.add_argument("--varied_latents_extra", action="append", default=[], metavar="PATH",
+                   help="stage varied also trains on this varied_latents.pt of another run (same VAE; repeatable)")
     p.add_argument("--vae_long_colour_weight", type=float, default=0.0,
                    help="vae_long weight of the error's 4x4-cell means (train.vae_loss: the objects' tint; 0: none)")
     p.add_argument("--vae_long_object_crops", action="store_true",

@@ -416,3 +416,25 @@ def test_soup_is_the_normalised_weighted_mean_of_one_models_runs():
         train.soup([a, {"w": torch.zeros(3), "b": torch.zeros(1)}], [1, 1], names=["a.pt", "wide.pt"])
     with pytest.raises(ValueError, match="one non-negative weight per model"):
         train.soup([a, b], [1])
+
+
+def test_merge_latents_unites_prompt_tables_and_concatenates_groups():
+    """--varied_latents_extra (train.merge_latents): clips of several pre-encoded sets in one training run, each
+    clip still pointing at its own prompt's text rows, the negative prompt (prompt dropout's) last."""
+    def latents(prompts, n, start):
+        ctx = torch.stack([torch.full((2, 3), float(sum(map(ord, p)))) for p in prompts])  # rows tell prompts apart
+        group = {"x0": torch.arange(start, start + n).float().view(n, 1), "prompt": torch.arange(n) % len(prompts)}
+        return {"prompts": prompts, "context": ctx, "bias": ctx[:, :, 0], "groups": {(9, 64, 64): group}}
+
+    a, b = latents(["red disk", "blue square", "NEG"], 4, 0), latents(["green disk", "red disk", "NEG"], 3, 100)
+    m = train.merge_latents([a, b])
+    assert m["prompts"] == ["red disk", "blue square", "green disk", "NEG"]
+    g = m["groups"][(9, 64, 64)]
+    assert g["x0"].view(-1).tolist() == [0, 1, 2, 3, 100, 101, 102]
+    for f, offset, n in ((a, 0, 4), (b, 4, 3)):  # every clip keeps its prompt's context row
+        for i in range(n):
+            want = f["context"][f["groups"][(9, 64, 64)]["prompt"][i]]
+            assert torch.equal(m["context"][g["prompt"][offset + i]], want)
+    assert torch.equal(m["context"][-1], a["context"][-1]) and m["bias"].shape == (4, 2)
+    with pytest.raises(ValueError, match="negative prompts"):
+        train.merge_latents([a, latents(["x", "OTHER NEG"], 1, 0)])

@@ -434,6 +434,36 @@ def sample_sigmas(batch: int, gen: torch.Generator, shift: float = 16.0, low: fl
     return torch.where(uniform, low + (1 - low) * u, s).clamp(1e-3, 0.999)
 
 
+def merge_latents(files: list[dict]) -> dict:
+    """Several pre-encoded latent sets (scripts/train_tiny.py's varied_latents.pt, each {prompts, context, bias,
+    groups}) as one: each (frames, width, height) group's clips concatenated, the prompt tables united (a
+    prompt in several files is kept once) with the negative prompt, every file's last row, last again."""
+    neg = files[0]["prompts"][-1]
+    if any(f["prompts"][-1] != neg for f in files):
+        raise ValueError("latent files end in different negative prompts: they were encoded for different models")
+    prompts, rows, index = [], [], {}
+    for fi, f in enumerate(files):
+        for i, prompt in enumerate(f["prompts"][:-1]):
+            if prompt not in index:
+                index[prompt] = len(prompts)
+                prompts.append(prompt)
+                rows.append((fi, i))
+    prompts.append(neg)
+    rows.append((0, len(files[0]["prompts"]) - 1))
+    context = torch.stack([files[fi]["context"][i] for fi, i in rows])
+    bias = torch.stack([files[fi]["bias"][i] for fi, i in rows])
+    groups: dict = {}
+    for f in files:
+        remap = torch.tensor([index.get(p, len(prompts) - 1) for p in f["prompts"]])
+        for key, g in f["groups"].items():
+            g = {**g, "prompt": remap[g["prompt"]]}
+            if key in groups:
+                groups[key] = {k: torch.cat([groups[key][k], g[k]]) for k in g}
+            else:
+                groups[key] = g
+    return {"prompts": prompts, "context": context, "bias": bias, "groups": groups}
+
+
 def soup(states: list[dict[str, torch.Tensor]], weights: list[float], names: list[str] | None = None
          ) -> dict[str, torch.Tensor]:
     """The weighted mean of state dicts of one model (a "model soup": runs fine-tuned from one start stay in
