@@ -370,7 +370,7 @@ def main() -> int:
 
         def save(done, info):
             write(out, name, report_json(done, info, cfg40, size, [r.backend for r in done], args.repeat,
-                                                    args.warmup, command, notes))
+                                         args.warmup, command, notes))
 
         rows, info = step_rows(cfg40, models, device, size, variants, args.repeat, args.warmup, profile=False,
                                on_row=save)

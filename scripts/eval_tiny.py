@@ -97,8 +97,9 @@ def main() -> None:
     p.add_argument("--demo_steps", type=int, default=10)
     p.add_argument("--targets", action="store_true", help="only the issue-18 targets table (see targets())")
     p.add_argument("--target_steps", type=int, default=20)
-    p.add_argument("--model_only", action="store_true", help="--targets without the VAE-alone rows")
-    p.add_argument("--vae_only", action="store_true",
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--model_only", action="store_true", help="--targets without the VAE-alone rows")
+    only.add_argument("--vae_only", action="store_true",
                    help="--targets with only the VAE-alone rows (encode + decode the truth: selects decoders)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
