@@ -17,7 +17,8 @@ Parts (each writes its JSON into --out as soon as it is done, so a timeout keeps
    made on the GPU, 1280*720 x 81), one model transformed in place between rows so it is built once:
    eager bf16 (the reference), eager+fused, eager+fused+fp8, eager+fused+fp8+sage, and that with +triton
    (the Triton norm/RoPE kernels; the norms and the GELU emit e4m3 rows for the FP8 GEMMs); s/step, x eager,
-   rel. L2 / PSNR / max error vs eager. (AOTInductor rows: gpu_all.sh's last step, `wanrt bench`.)
+   rel. L2 / PSNR / max error vs eager (--variants picks rows; --layers N writes dit-step-N-blocks.json).
+   (AOTInductor rows: gpu_all.sh's `wanrt bench` step.)
 
 --dry-run: the same code on the CPU with the tiny config at a toy size (FP8 GEMMs emulated, no Triton
 attention, no _scaled_mm rows); tests/test_gpu_script.py runs it.
