@@ -69,7 +69,12 @@ def load_models(workdir: Path, vae: bool = True):
     models = loading.load(workdir / "base")
     path = vae_path(workdir)
     if vae and path.is_file():
-        models.vae.load_state_dict(torch.load(path, weights_only=True))
+        state = torch.load(path, weights_only=True)
+        wide = state["decoder.conv1.weight"].shape[0] // models.vae.cfg.dim_mult[-1]
+        if wide != models.vae.cfg.decoder_base_dim:  # stage vae_long widened the decoder (--vae_long_decoder_dim)
+            vae_wide = train.widen_decoder(models.vae, wide).eval()
+            models = dataclasses.replace(models, vae=vae_wide, config=models.config.replace(vae=vae_wide.cfg))
+        models.vae.load_state_dict(state)
     return models
 
 
@@ -160,6 +165,8 @@ def stage_vae_long(args, workdir: Path) -> None:
         return
     vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
     vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
+    if args.vae_long_decoder_dim:  # the same decoding, more channels to fine-tune; the latent space stays
+        vae = train.widen_decoder(vae, args.vae_long_decoder_dim, seed=args.seed)
     vae.train()
     if args.vae_long_encoder:  # the whole VAE: its latents change, so run varied_latents and the DiT after
         params = list(vae.parameters())
@@ -492,6 +499,8 @@ def main() -> None:
                    help="stage varied also trains on this varied_latents.pt of another run (same VAE; repeatable)")
     p.add_argument("--vae_long_colour_weight", type=float, default=0.0,
                    help="vae_long weight of the error's 4x4-cell means (train.vae_loss: the objects' tint; 0: none)")
+    p.add_argument("--vae_long_decoder_dim", type=int, default=0,
+                   help="stage vae_long first widens the decoder to this base width (train.widen_decoder; 0: as is)")
     p.add_argument("--vae_long_object_crops", action="store_true",
                    help="vae_long crops centred on the object of a frame drawn by its motion, not anywhere")
     p.add_argument("--clips", type=int, default=2400, help="DiT training clips over all groups")

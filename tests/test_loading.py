@@ -155,3 +155,17 @@ def test_other_model_type_is_refused(official_copy):
     (official_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type 'i2v'"):
         loading.load(official_copy, components=("dit",))
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_a_wider_decoder_is_read_from_either_layout(tmp_path, layout):
+    """VAEConfig.decoder_dim: from the decoder's shapes (official .pth) or `decoder_base_dim` (diffusers)."""
+    from wanrt.models import tiny
+
+    base = WanConfig.tiny()
+    cfg = base.replace(vae=dataclasses.replace(base.vae, decoder_dim=12))
+    folder = tiny.write(tmp_path / layout, layout, config=cfg)
+    models = loading.load(folder)
+    assert models.config.vae.decoder_dim == 12 and models.config.vae.dim == base.vae.dim
+    assert models.vae.decoder.conv1.weight.shape[0] == 12 * base.vae.dim_mult[-1]
+    assert _same_config(models.config, cfg)

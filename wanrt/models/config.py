@@ -71,6 +71,14 @@ class VAEConfig:
     temperal_downsample: tuple[bool, ...] = (False, True, True)  # official spelling
     mean: tuple[float, ...] = VAE_MEAN
     std: tuple[float, ...] = VAE_STD
+    # the decoder's base width when it differs from the encoder's (diffusers' `decoder_base_dim`, Wan2.2's VAE
+    # has one; Wan2.1's is symmetric: None = `dim`). The latents depend on the encoder alone, so a decoder can
+    # be widened without touching the latent space a DiT was trained in.
+    decoder_dim: int | None = None
+
+    @property
+    def decoder_base_dim(self) -> int:
+        return self.decoder_dim or self.dim
 
     @property
     def temporal_stride(self) -> int:

@@ -304,8 +304,9 @@ def _vae_config_from_shapes(w: Weights) -> VAEConfig:
         mult.append(w.shape(f"encoder.downsamples.{first}.residual.2.weight")[0] // dim)
         if level < levels - 1:
             tdown.append(f"encoder.downsamples.{first + nrb}.time_conv.weight" in w)
+    dec_dim = w.shape("decoder.conv1.weight")[0] // mult[-1]  # = dim unless the decoder is wider
     return VAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=nrb,
-                     temperal_downsample=tuple(tdown))
+                     temperal_downsample=tuple(tdown), decoder_dim=None if dec_dim == dim else dec_dim)
 
 
 def _tokenizer(folder: Path):
@@ -391,12 +392,14 @@ class _Diffusers:
     def vae_config(self) -> VAEConfig:
         c = self._cfg("vae")
         defaults = VAEConfig()
+        dec_dim = c.get("decoder_base_dim")
         return VAEConfig(dim=c.get("base_dim", 96), z_dim=c.get("z_dim", 16),
                          dim_mult=tuple(c.get("dim_mult", defaults.dim_mult)),
                          num_res_blocks=c.get("num_res_blocks", 2),
                          temperal_downsample=tuple(c.get("temperal_downsample", defaults.temperal_downsample)),
                          mean=tuple(c.get("latents_mean") or defaults.mean),
-                         std=tuple(c.get("latents_std") or defaults.std))
+                         std=tuple(c.get("latents_std") or defaults.std),
+                         decoder_dim=None if dec_dim == c.get("base_dim", 96) else dec_dim)
 
     def t5_config(self) -> T5Config:
         c = self._cfg("text_encoder")

@@ -264,7 +264,8 @@ def _write_diffusers(folder, cfg, dit, vae, t5, clip_full, tokenizer, dit_shards
                   "diffusion_pytorch_model", dit_shards)
     (sub["vae"] / "config.json").write_text(json.dumps({
         "_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0", "attn_scales": [], "base_dim": v.dim,
-        "dim_mult": list(v.dim_mult), "dropout": 0.0, "latents_mean": list(v.mean), "latents_std": list(v.std),
+        "decoder_base_dim": v.decoder_dim, "dim_mult": list(v.dim_mult), "dropout": 0.0, "latents_mean": list(v.mean),
+        "latents_std": list(v.std),
         "num_res_blocks": v.num_res_blocks, "temperal_downsample": list(v.temperal_downsample),
         "z_dim": v.z_dim}, indent=2))
     vae_sd = convert.rename(vae.state_dict(), lambda k: convert.vae_official_to_diffusers(k, v.num_res_blocks))

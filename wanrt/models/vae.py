@@ -313,7 +313,7 @@ class Decoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         mult = cfg.dim_mult
-        dims = [cfg.dim * u for u in (mult[-1], *mult[::-1])]  # official: [384, 384, 384, 192, 96]
+        dims = [cfg.decoder_base_dim * u for u in (mult[-1], *mult[::-1])]  # official: [384, 384, 384, 192, 96]
         temperal_upsample = cfg.temperal_downsample[::-1]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),

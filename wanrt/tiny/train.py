@@ -20,6 +20,7 @@ What is trained and what is not:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,6 +134,60 @@ def init_vae(vae: WanVAE) -> None:
             else:
                 fan_in = w[0].numel()
                 w.copy_(torch.randn(w.shape, generator=gen) * gain / fan_in**0.5)
+
+
+def widen_decoder(vae: WanVAE, decoder_dim: int, seed: int = 0) -> WanVAE:
+    """A copy of `vae` whose decoder is `decoder_dim` wide at its base (VAEConfig.decoder_dim), decoding exactly
+    as the narrow one did (function-preserving widening, Net2Net-style): the encoder, conv2 and so the latent
+    space stay, so a DiT trained on these latents stays valid while the decoder gets capacity to fine-tune.
+
+    Every grown channel starts at zero: its producing weights and bias are 0; the weights that read the new
+    channels are random (they multiply zeros, so the output does not move, but gradients reach the producers).
+    Three rescalings keep the old channels' values: RMS_norm multiplies by sqrt(C) (so old gammas x
+    sqrt(C_old / C_new)); the single-head attention divides its logits by sqrt(C) (so q x sqrt(C_new / C_old));
+    to_qkv's (q, k, v) and an upsample3d time_conv's (2 frames) output channels are chunked, so old channels map
+    chunk by chunk. The new k channels are random too (q's new channels, 0, meet them), else q and k stay 0.
+    """
+    old_cfg = vae.cfg
+    old_base = old_cfg.decoder_base_dim
+    if decoder_dim <= old_base:
+        raise ValueError(f"decoder_dim {decoder_dim} must exceed the decoder's base width {old_base}")
+    cfg = dataclasses.replace(old_cfg, decoder_dim=None if decoder_dim == old_cfg.dim else decoder_dim)
+    wide = WanVAE(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    old = vae.state_dict()
+    state = {}
+    for name, target in wide.state_dict().items():
+        src = old[name]
+        if src.shape == target.shape:
+            state[name] = src.clone()
+            continue
+        n_out, n_out_new = src.shape[0], target.shape[0]
+        chunks = 3 if ".to_qkv." in name else 2 if ".time_conv." in name else 1
+        c_old, c_new = n_out // chunks, n_out_new // chunks
+        if name.endswith(".gamma"):  # (C, 1, 1[, 1])
+            t = torch.ones_like(target)
+            t[:n_out] = src * (n_out / n_out_new) ** 0.5
+            state[name] = t
+            continue
+        t = torch.zeros_like(target)
+        if src.dim() > 1 and src.shape[1] != target.shape[1]:  # reads new channels: random, x zeros at first
+            t[:, src.shape[1]:] = torch.randn(t[:, src.shape[1]:].shape, generator=gen) * float(src.std())
+        scale = torch.ones(chunks)
+        if chunks == 3:  # (q, k, v): q scaled for the wider attention; new k rows read the old inputs too
+            scale[0] = (c_new / c_old) ** 0.5
+            if src.dim() > 1:
+                k_new = t[c_new + c_old:2 * c_new, :src.shape[1]]
+                k_new.copy_(torch.randn(k_new.shape, generator=gen) * float(src.std()))
+        for i in range(chunks):
+            block = src[i * c_old:(i + 1) * c_old]
+            if src.dim() > 1:
+                t[i * c_new:i * c_new + c_old, :src.shape[1]] = block * scale[i]
+            else:
+                t[i * c_new:i * c_new + c_old] = block * scale[i]
+        state[name] = t
+    wide.load_state_dict(state)
+    return wide.train(vae.training)
 
 
 def vae_encode_train(vae: WanVAE, video: torch.Tensor) -> torch.Tensor:
