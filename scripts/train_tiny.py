@@ -69,13 +69,19 @@ def load_models(workdir: Path, vae: bool = True):
     models = loading.load(workdir / "base")
     path = vae_path(workdir)
     if vae and path.is_file():
-        state = torch.load(path, weights_only=True)
-        wide = state["decoder.conv1.weight"].shape[0] // models.vae.cfg.dim_mult[-1]
-        if wide != models.vae.cfg.decoder_base_dim:  # stage vae_long widened the decoder (--vae_long_decoder_dim)
-            vae_wide = train.widen_decoder(models.vae, wide).eval()
-            models = dataclasses.replace(models, vae=vae_wide, config=models.config.replace(vae=vae_wide.cfg))
-        models.vae.load_state_dict(state)
+        trained = load_vae(models.vae, path).eval()
+        models = dataclasses.replace(models, vae=trained, config=models.config.replace(vae=trained.cfg))
     return models
+
+
+def load_vae(vae: WanVAE, path: Path) -> WanVAE:
+    """`vae` with the weights in `path`; widened first when they hold a wider decoder (--vae_long_decoder_dim)."""
+    state = torch.load(path, weights_only=True)
+    wide = state["decoder.conv1.weight"].shape[0] // vae.cfg.dim_mult[-1]
+    if wide != vae.cfg.decoder_base_dim:
+        vae = train.widen_decoder(vae, wide)
+    vae.load_state_dict(state)
+    return vae
 
 
 def vae_path(workdir: Path) -> Path:
@@ -163,9 +169,8 @@ def stage_vae_long(args, workdir: Path) -> None:
     21 dB)."""
     if (workdir / "vae_long.pth").is_file() or not args.vae_long_steps:
         return
-    vae = WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae)
-    vae.load_state_dict(torch.load(workdir / "vae.pth", weights_only=True))
-    if args.vae_long_decoder_dim:  # the same decoding, more channels to fine-tune; the latent space stays
+    vae = load_vae(WanVAE(train.trained_config(args.vae_dim, args.vae_res_blocks).vae), workdir / "vae.pth")
+    if args.vae_long_decoder_dim > vae.cfg.decoder_base_dim:  # same output, more channels; same latents
         vae = train.widen_decoder(vae, args.vae_long_decoder_dim, seed=args.seed)
     vae.train()
     if args.vae_long_encoder:  # the whole VAE: its latents change, so run varied_latents and the DiT after
