@@ -143,10 +143,11 @@ def widen_decoder(vae: WanVAE, decoder_dim: int, seed: int = 0) -> WanVAE:
 
     Every grown channel starts at zero: its producing weights and bias are 0; the weights that read the new
     channels are random (they multiply zeros, so the output does not move, but gradients reach the producers).
-    Three rescalings keep the old channels' values: RMS_norm multiplies by sqrt(C) (so old gammas x
-    sqrt(C_old / C_new)); the single-head attention divides its logits by sqrt(C) (so q x sqrt(C_new / C_old));
-    to_qkv's (q, k, v) and an upsample3d time_conv's (2 frames) output channels are chunked, so old channels map
-    chunk by chunk. The new k channels are random too (q's new channels, 0, meet them), else q and k stay 0.
+    Two rescalings and one mapping keep the old channels' values (to fp32 rounding): RMS_norm multiplies by
+    sqrt(C) (so old gammas x sqrt(C_old / C_new)); the single-head attention divides its logits by sqrt(C) (so
+    q x sqrt(C_new / C_old)); to_qkv's (q, k, v) and an upsample3d time_conv's (2 frames) output channels are
+    chunked, so old channels map chunk by chunk. The new k channels are random too (q's new channels, 0, meet
+    them), else q and k stay 0.
     """
     old_cfg = vae.cfg
     old_base = old_cfg.decoder_base_dim
