@@ -2,12 +2,12 @@
 # Every GPU check and measurement behind the README, in ONE call that fits a short device lease (10 minutes
 # a command, 15 minutes a session; this script: < 8 minutes). Steps, most important first, each under a
 # timeout computed from what is left of the budget, so a slow or failing step never costs the ones after it:
-#   1. the GPU tests (pytest -m gpu): Triton kernels on real launches, torch.compile, CUDA graph replay,
-#      FP8 _scaled_mm vs its CPU emulation, the one-pass FP8 quantisation kernel;
-#   2. benchmarks/gpu_precision.py --parts steps: full 40-block CFG steps (random 14B weights, 1280*720 x 81
+#   1. benchmarks/gpu_precision.py --parts steps: full 40-block CFG steps (random 14B weights, 1280*720 x 81
 #      = 75,600 tokens, batch 2): eager, fp8 GEMMs, fp8 + 8-bit attention + our norm kernels, `wanrt bench`
 #      JSON with s/step and error vs eager (dit-step.json, rewritten after each row); then 8-block steps with
 #      every row between (exact fusion, fp8, + sage, + triton: dit-step-8-blocks.json);
+#   2. the GPU tests (every test marked gpu): Triton kernels on real launches, torch.compile, CUDA graph
+#      replay (cached steps too), FP8 _scaled_mm vs its CPU emulation, the one-pass FP8 quantisation kernel;
 #   3. --parts attention,profile: attention at the real shape (cuDNN SDPA, our bf16 flash, our 8-bit sage)
 #      and the per-op-class profile of a 2-block full-width step (eager, fp8 + fused + sage);
 #   4. --parts gemm: the GEMMs at the real shapes (M = 151,200; bf16 vs _scaled_mm tensor-wise / row-wise,
@@ -69,13 +69,15 @@ step() {  # step NAME CAP CMD...: run CMD under min(CAP, budget left); log to $O
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step gpu-tests 120 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
-    tests/test_precision.py tests/test_triton_quant.py
 
 # the 40-block step: the reference, the FP8 GEMMs, and everything (226 s for all five rows on 2026-12-04);
 # the 8-block step: every row, each transform's own share (61 s)
 step gpu-dit-steps 200 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT" \
     --variants eager,eager+fused+fp8,eager+fused+fp8+sage+triton
+
+# every test marked gpu (the files that hold one; the TensorRT test skips with its reason)
+step gpu-tests 120 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
+    tests/test_precision.py tests/test_triton_quant.py tests/test_cache.py tests/test_build.py
 
 step gpu-dit-steps-8 90 $PY benchmarks/gpu_precision.py --parts steps --layers 8 --out "$OUT"
 
