@@ -338,6 +338,47 @@ def test_cuda_graph_replay_equals_eager_steps(tiny_official, monkeypatch):
     assert np.array_equal(graph.frames, plain.frames)
 
 
+def test_one_side_stream_per_device(monkeypatch):
+    """The warm-up and capture stream is made once per device and shared by every request: cuBLAS keeps a
+    workspace per (handle, stream) until the process ends (PyTorch's cublas_handle_stream_to_workspace), so a
+    fresh stream per request grew the allocated memory with every request (the H200 run of 2026-12-04: each
+    new pipeline's stage peaks ~70 MB above the one before, test_memory_policy_peaks_on_gpu failing). With the
+    old `torch.cuda.Stream(device)` per run this counts three streams, not one."""
+    from wanrt.runtime import step
+
+    made = []
+
+    class FakeStream:
+        def __init__(self, device):
+            made.append(device)
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(step, "_SIDE", {})
+    first = [step.side_stream(torch.device("cuda", 0)) for _ in range(3)]
+    assert len(made) == 1 and all(s is first[0] for s in first)
+    step.side_stream(torch.device("cuda", 1))
+    assert len(made) == 2  # another device, its own stream
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_requests_do_not_grow_gpu_memory(tiny_official):
+    """A service's long-lived pipeline: after the first request (which makes the lazily created workspaces),
+    later requests leave the allocated memory where it was (a fresh capture stream per request added a cuBLAS
+    workspace, tens of MB, each time). Bound 1 MiB: the allocator's own rounding, well under one workspace."""
+    import gc
+
+    a, b = _frames()
+    pipe = FLF2VPipeline.from_pretrained(tiny_official, device="cuda", dtype=torch.float32)
+    after = []
+    for _ in range(3):
+        pipe(a, b, "x", max_area=64 * 48, frame_num=9, sample_steps=3, seed=0, progress=False)
+        gc.collect()
+        torch.cuda.empty_cache()
+        after.append(torch.cuda.memory_allocated())
+    assert after[2] - after[0] <= 2 ** 20, after
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,frames_db", [("onnxruntime", 94.1), ("aoti", 94.1)])
 def test_trained_tiny_engines_match_eager(tmp_path, backend, frames_db):

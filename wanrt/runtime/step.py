@@ -18,6 +18,23 @@ import threading
 
 import torch
 
+_SIDE: dict[torch.device, tuple[torch.cuda.Stream, threading.Lock]] = {}
+_SIDE_LOCK = threading.Lock()
+
+
+def side_stream(device: torch.device) -> tuple[torch.cuda.Stream, threading.Lock]:
+    """The one stream per device that warms up and captures every request's step graphs, and the lock that
+    keeps two threads' captures apart on it. One stream, not one per request: cuBLAS keeps a workspace for
+    each (handle, stream) it has met until the process ends, so a fresh stream per request left more
+    memory allocated after every request (memory that `empty_cache` cannot return)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _SIDE_LOCK:
+        if device not in _SIDE:
+            _SIDE[device] = (torch.cuda.Stream(device), threading.Lock())
+        return _SIDE[device]
+
 
 class Cancelled(Exception):
     """The request was cancelled between two denoising steps."""
@@ -100,14 +117,15 @@ class CFGStep:
             if use_graph and kind in graphs:
                 graphs[kind].replay()
             elif use_graph and kind in plan[i + 1:]:  # first of its kind, and it recurs: run it, then capture
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    self.step(kind)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graphs[kind] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[kind]):
-                    self.step(kind)  # recorded, not run: the state still holds this step's result
+                side, lock = side_stream(self.device)
+                with lock:
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        self.step(kind)
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graphs[kind] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graphs[kind], stream=side):
+                        self.step(kind)  # recorded, not run: the state still holds this step's result
                 if kind:
                     self.graph = graphs[kind]
             else:
