@@ -342,8 +342,8 @@ def test_one_side_stream_per_device(monkeypatch):
     """The warm-up and capture stream is made once per device and shared by every request: cuBLAS keeps a
     workspace per (handle, stream) until the process ends (PyTorch's cublas_handle_stream_to_workspace), so a
     fresh stream per request grew the allocated memory with every request (the H200 run of 2026-12-04: each
-    new pipeline's stage peaks ~70 MB above the one before, test_memory_policy_peaks_on_gpu failing). With the
-    old `torch.cuda.Stream(device)` per run this counts three streams, not one."""
+    new pipeline's denoise peak 34.5 MB above the one before, i.e. one 32 MiB cuBLAS workspace on Hopper, and
+    test_memory_policy_peaks_on_gpu failing on it). Without the shared stream side_stream does not exist."""
     from wanrt.runtime import step
 
     made = []
