@@ -70,13 +70,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 
-# the 40-block step: the reference, the FP8 GEMMs, and everything (226 s for all five rows on 2026-12-04);
+# the 40-block step: the reference, the FP8 GEMMs, and everything (these three rows: 156 s on an H200);
 # the 8-block step: every row, each transform's own share (61 s)
 step gpu-dit-steps 200 $PY benchmarks/gpu_precision.py --parts steps --out "$OUT" \
     --variants eager,eager+fused+fp8,eager+fused+fp8+sage+triton
 
-# every test marked gpu (the files that hold one; the TensorRT test skips with its reason)
-step gpu-tests 120 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
+# every test marked gpu (the files that hold one; the TensorRT test skips with its reason): 83 tests, ~130 s
+# on an H200 (test_kernels.py's 75 take ~110 s; 120 s cut the rest on 2026-12-04)
+step gpu-tests 170 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_runtime.py \
     tests/test_precision.py tests/test_triton_quant.py tests/test_cache.py tests/test_build.py
 
 step gpu-dit-steps-8 90 $PY benchmarks/gpu_precision.py --parts steps --layers 8 --out "$OUT"
