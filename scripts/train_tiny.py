@@ -320,7 +320,7 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
     # the first run's data order is unchanged by the second run's existence; a run continuing the second
     # (--varied_init its EMA, another --varied_salt) draws other batches and noise than the one it continues
     salt = 7 if init is None else args.varied_salt
-    t0 = time.time()
+    t0, colours = time.time(), []
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = train.cosine_lr(step, steps, lr, warmup=100)
@@ -349,6 +349,10 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
         pred = train.dit_forward_compact(dit, xt, t, context[pidx], bias[pidx], clip_fea, y, ropes[grid])
         per_sample = (weight * (pred - (noise - x0)).square()).flatten(1).mean(1) / weight.flatten(1).mean(1)
         loss = per_sample.mean()
+        if args.colour_weight:  # the object's mean latent per frame, from the x0 this velocity implies
+            colour = train.object_mean_loss(xt - s * pred, x0, g.objects[idx]).mean()
+            loss = loss + args.colour_weight * colour
+            colours.append(colour.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -357,11 +361,12 @@ def train_dit(args, workdir: Path, tag: str, latents: str, groups, steps: int, l
         # x0 error at high noise (sigma > 0.8): what 4-10 step sampling mostly relies on
         hi = sigma > 0.8
         x0_err = ((per_sample[hi] * sigma[hi] ** 2).mean().item() if hi.any() else float("nan"))
-        history.append((step, loss.item(), x0_err))
+        history.append((step, per_sample.mean().item(), x0_err))
         if step % 50 == 0 or step == steps - 1:
             recent = history[-50:]
             log(f"{tag} {step:5d}/{steps}  loss {np.mean([h[1] for h in recent]):.4f}  "
-                f"x0 mse (sigma>0.8) {np.nanmean([h[2] for h in recent]):.4f}  ({time.time() - t0:.0f} s)")
+                f"x0 mse (sigma>0.8) {np.nanmean([h[2] for h in recent]):.4f}  "
+                + (f"colour {np.mean(colours[-50:]):.4f}  " if colours else "") + f"({time.time() - t0:.0f} s)")
         if (step + 1) % 250 == 0:
             torch.save({"model": dit.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
                         "history": history, "step": step + 1}, state_path)
@@ -532,6 +537,9 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--prompt_dropout", type=float, default=0.1)
     p.add_argument("--object_weight", type=float, default=3.0, help="extra DiT loss weight of object cells")
+    p.add_argument("--colour_weight", type=float, default=0.0,
+                   help="DiT loss weight of the object's colour term (train.object_mean_loss: the object's mean "
+                        "latent per frame, from the predicted x0); 0: off")
     p.add_argument("--given_weight", type=float, default=2.0,
                    help="extra DiT loss weight of the first and last latent frame")
     args = p.parse_args()

@@ -438,3 +438,24 @@ def test_merge_latents_unites_prompt_tables_and_concatenates_groups():
     assert torch.equal(m["context"][-1], a["context"][-1]) and m["bias"].shape == (4, 2)
     with pytest.raises(ValueError, match="negative prompts"):
         train.merge_latents([a, latents(["x", "OTHER NEG"], 1, 0)])
+
+
+def test_object_mean_loss_charges_a_colour_shift_and_not_a_change_inside_the_object():
+    """The DiT's colour term (--colour_weight): shifting the object's cells by a constant (a new colour) is
+    charged; moving the same values around inside the object (zero mean change) is not; background errors and
+    frames without the object are not charged."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 6, 6, generator=gen)
+    objects = torch.zeros(2, 3, 6, 6, dtype=torch.bool)
+    objects[:, :2, 1:3, 1:3] = True  # 4 cells in frames 0 and 1; frame 2 has no object
+    tint = x0.clone()
+    tint[:, :, :2, 1:3, 1:3] += 0.5
+    # mean error 0.5 on every channel of the frames that show the object
+    assert torch.allclose(train.object_mean_loss(tint, x0, objects), torch.full((2,), 0.25))
+    shuffled = x0.clone()
+    shuffled[:, :, :2, 1:3, 1:3] += torch.tensor([[0.5, -0.5], [-0.5, 0.5]])  # the same size, zero mean
+    assert train.object_mean_loss(shuffled, x0, objects).abs().max() < 1e-6
+    elsewhere = x0.clone()
+    elsewhere[:, :, :, 4:, 4:] += 1.0
+    elsewhere[:, :, 2] += 1.0
+    assert train.object_mean_loss(elsewhere, x0, objects).abs().max() < 1e-6

@@ -479,6 +479,18 @@ def dit_forward_compact(dit, x, t, context, txt_bias, clip_fea, y, rope):
     return dit.unpatchify(dit.head(tokens, e), f, h, w).float()
 
 
+def object_mean_loss(x0_pred: torch.Tensor, x0: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """(B,) the object's colour term: per latent frame that shows the object, the mean latent over its cells
+    (per channel) predicted vs true, squared, averaged over those frames and the channels. A shift of the
+    object's colour moves this mean; an error that only moves latent values around inside the object (its
+    shape, its edge) does not. x0_pred, x0: (B, C, T, h, w); objects: (B, T, h, w) bool."""
+    m = objects[:, None].to(x0.dtype)  # (B, 1, T, h, w)
+    cells = m.sum((3, 4))  # (B, 1, T)
+    mean_err = ((x0_pred - x0) * m).sum((3, 4)) / cells.clamp(min=1)  # (B, C, T)
+    shown = (cells > 0).to(x0.dtype)
+    return (mean_err.square() * shown).sum((1, 2)) / (shown.sum((1, 2)) * x0.shape[1]).clamp(min=1)
+
+
 def sample_sigmas(batch: int, gen: torch.Generator, shift: float = 16.0, low: float = 0.2) -> torch.Tensor:
     """Half the batch from the inference distribution (uniform grid shifted by 16: mostly sigma > 0.8,
     where 4-10 step sampling spends every step), half uniform in (low, 1) so the lower-noise end that the
