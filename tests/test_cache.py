@@ -270,6 +270,7 @@ def test_onnxruntime_engine(ort_engine, tiny_official, random_tiny_coefficients,
 
     m = Manifest.load(old)
     del m.data["tables"]
+    (old / "manifest.json").unlink()  # else the save would merge the table's entry back from the disk
     m.save()
     pipe = FLF2VPipeline.from_pretrained(backend="onnxruntime", engine_dir=old, device="cpu")
     a, b = sample_frames()

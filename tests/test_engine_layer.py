@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wanrt.engine.graph import ContractGraph, FunctionGraph, GraphInputError, GraphOutputError
-from wanrt.export.specs import GraphSpec, TensorSpec
+from wanrt.export.specs import GraphSpec, Target, TensorSpec
 from wanrt.runtime.backends import GraphSingle, GraphTextEncoder, GraphVAE, graph_backends
 
 F32, I64 = "float32", "int64"
@@ -297,17 +297,27 @@ def test_trt_dtype_map_is_complete():
 # -- the engine dir: layout, typed manifest, integrity ---------------------------------------------------
 
 
-def _engine_dir(root):
+ENGINE_TARGET = Target(64, 48, 9)
+
+
+def _open_engine_dir(root):
+    """An EngineDir opened for a build of the tiny config at 64x48x9 (as each export/build process does)."""
     import dataclasses
 
     from wanrt.engine.dir import EngineDir
-    from wanrt.export.specs import Target
     from wanrt.models.config import WanConfig
 
-    target = Target(64, 48, 9)
     d = EngineDir(root)
-    m = d.open(source={"path": "x", "layout": "official", "fingerprint": "f"},
-               config=dataclasses.asdict(WanConfig.tiny()), precision="fp32", target=target)
+    d.open(source={"path": "x", "layout": "official", "fingerprint": "f"},
+           config=dataclasses.asdict(WanConfig.tiny()), precision="fp32", target=ENGINE_TARGET)
+    (root / "engines").mkdir(exist_ok=True)
+    return d
+
+
+def _engine_dir(root):
+    target = ENGINE_TARGET
+    d = _open_engine_dir(root)
+    m = d.manifest
     f = d.onnx_path("dit", target)
     f.parent.mkdir(parents=True)
     f.write_bytes(b"graph bytes")
@@ -362,6 +372,65 @@ def test_load_checks_size_and_mtime_then_the_hash(tmp_path, monkeypatch):
     f.write_bytes(b"graph bytez")  # same size, new bytes and mtime: re-hashed, refused
     with pytest.raises(EngineError, match="does not match its sha256"):
         m.verify_files("graphs", "dit@64x48x9")
+
+
+def _writer(root, name, n):
+    """One process's share of test_writers_in_parallel_keep_every_entry: n files, each recorded as it is made."""
+    d = _open_engine_dir(root)
+    for i in range(n):
+        f = root / "engines" / f"{name}{i}.bin"
+        f.write_bytes(f"{name} {i}".encode())
+        d.manifest.record("engines", f"{name}{i}", [str(f.relative_to(root))], component="vae", graph=name)
+
+
+def test_a_second_writer_keeps_the_first_ones_entries(tmp_path):
+    """Two builds into one engine dir (e.g. `wanrt build --components vae` beside one of the DiT): each opened
+    the manifest before the other recorded anything. Before, the last save dropped the other's entries."""
+    import json
+
+    from wanrt.engine.manifest import Manifest
+
+    a = _open_engine_dir(tmp_path)
+    b = _open_engine_dir(tmp_path)
+    for d, name in ((a, "dit"), (b, "vae"), (a, "t5")):
+        f = tmp_path / "engines" / f"{name}.bin"
+        f.write_bytes(name.encode())
+        d.manifest.record("engines", name, [f"engines/{name}.bin"], component=name, graph=name)
+    m = Manifest.load(tmp_path)
+    assert sorted(m.section("engines")) == ["dit", "t5", "vae"]
+    assert m.verify() == []  # merged and re-signed: intact
+    # an entry this process did not write is the disk's, even when it holds an older copy
+    json_entry = m.entry("engines", "vae")
+    assert a.manifest.entry("engines", "vae") == json_entry
+    # a manifest edited by hand is not merged into the next save (that would re-sign the edit)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["engines"]["forged"] = dict(json_entry)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    f = tmp_path / "engines" / "clip.bin"
+    f.write_bytes(b"clip")
+    b.manifest.record("engines", "clip", ["engines/clip.bin"], component="clip", graph="clip")
+    m = Manifest.load(tmp_path)
+    assert "forged" not in m.section("engines") and m.verify() == []
+
+
+def test_writers_in_parallel_keep_every_entry(tmp_path):
+    """Three processes record 12 entries each into one engine dir at once; the dir lock serialises each
+    read-merge-write, so all 36 end up in the manifest (without the lock, entries are lost between one
+    writer's read and another's write)."""
+    import multiprocessing
+
+    from wanrt.engine.manifest import Manifest
+
+    _open_engine_dir(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(tmp_path, name, 12)) for name in ("a", "b", "c")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    m = Manifest.load(tmp_path)
+    assert len(m.section("engines")) == 36 and m.verify() == []
 
 
 def test_doctor_verify(tmp_path):
@@ -461,7 +530,6 @@ def test_compare_without_tensorrt_is_one_line(tmp_path):
     from wanrt.cli import app
     from wanrt.engine.compare import compare_with_onnxruntime
     from wanrt.engine.tensorrt import TensorRTUnavailable
-    from wanrt.export.specs import Target
 
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not usable here"):
         compare_with_onnxruntime(tmp_path, "dit", Target(64, 48, 9))

@@ -2,6 +2,9 @@
 
 The manifest is rewritten atomically after each finished file, and only lists files that are
 complete (their sha256 recorded), so a crash never leaves a manifest that claims an unfinished file.
+Several processes may export or build into one engine dir at once (e.g. the VAE and the DiT side by side):
+each save holds a lock on the dir and merges the entries this process recorded into the manifest on disk,
+so no process drops another's entries.
 
 Integrity, at three costs:
 - the manifest's own fields (checkpoint, config, precision, batch, versions, profiles, every entry) are
@@ -14,6 +17,7 @@ Integrity, at three costs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +30,8 @@ from wanrt._files import as_if_opened
 
 FORMAT = 2  # 2: "integrity" over the manifest itself, per-file size + mtime
 NAME = "manifest.json"
+SECTIONS = ("profiles", "graphs", "engines", "tables")  # {key: entry} maps that several writers may fill
+IDENTITY = ("format", "checkpoint", "config", "precision", "batch")  # what every writer of one dir must share
 
 
 class EngineError(Exception):
@@ -68,10 +74,28 @@ def versions() -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _dir_lock(root: Path):
+    """An exclusive lock on the engine dir itself (flock on its directory fd: no lock file is left behind)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer at a time is the caller's business
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 @dataclass
 class Manifest:
     root: Path
     data: dict = field(default_factory=dict)
+    # (section, key) of the entries this process wrote: they win over the disk's when saving
+    touched: set = field(default_factory=set, repr=False, compare=False)
 
     # -- life cycle -----------------------------------------------------------------------------------
 
@@ -121,15 +145,26 @@ class Manifest:
                               "to rebuild it for the new inputs")
 
     def save(self) -> None:
+        """Write the manifest; under the dir's lock, entries another process saved meanwhile are kept (the
+        disk's manifest overlaid with the entries this one recorded), when both were made from the same inputs."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.data["versions"] = versions()
-        self.data["integrity"] = self.digest()
-        write_json_atomic(self.root / NAME, self.data)
+        with _dir_lock(self.root):
+            disk = _read(self.root / NAME)
+            if disk is not None and _intact(disk) and _canon([disk.get(k) for k in IDENTITY]) == \
+                    _canon([self.data.get(k) for k in IDENTITY]):
+                for section in SECTIONS:
+                    merged = dict(disk.get(section, {}))
+                    merged.update({k: v for k, v in self.data.get(section, {}).items()
+                                   if (section, k) in self.touched})
+                    self.data[section] = merged
+                self.data["created"] = disk.get("created", self.data.get("created"))
+            self.data["versions"] = versions()
+            self.data["integrity"] = self.digest()
+            write_json_atomic(self.root / NAME, self.data)
 
     def digest(self) -> str:
         """sha256 of the manifest's canonical JSON without its own "integrity" field."""
-        body = {k: v for k, v in self.data.items() if k != "integrity"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return _digest(self.data)
 
     def check_integrity(self) -> None:
         """The manifest's fields are as written (batch, config, versions, entries: nothing edited by hand)."""
@@ -172,6 +207,7 @@ class Manifest:
 
     def add_profile(self, tag: str, width: int, height: int, frame_num: int) -> None:
         self.data["profiles"][tag] = {"width": width, "height": height, "frame_num": frame_num}
+        self.touched.add(("profiles", tag))
 
     def record(self, section: str, key: str, files: list[str], **info) -> None:
         """Record finished files (paths relative to root) with their sha256, then save."""
@@ -179,6 +215,7 @@ class Manifest:
         entry["files"] = {f: sha256(self.root / f) for f in files}
         entry["stats"] = {f: _stat(self.root / f) for f in files}
         self.data.setdefault(section, {})[key] = entry
+        self.touched.add((section, key))
         self.save()
 
     def entry(self, section: str, key: str) -> dict | None:
@@ -228,6 +265,28 @@ class Manifest:
                 except EngineError as e:
                     problems.append(str(e))
         return problems
+
+
+def _digest(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _intact(data: dict) -> bool:
+    """A manifest as wanrt wrote it (an edited one is never merged into a new save: that would re-sign the edit)."""
+    return data.get("integrity") == _digest(data)
+
+
+def _canon(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, as on disk
+
+
+def _read(path: Path) -> dict | None:
+    """The manifest JSON at `path`, or None when there is none (or it cannot be read: it is then rewritten)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _stat(path: Path) -> list[int]:

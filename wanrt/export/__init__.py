@@ -6,6 +6,7 @@ ONNX with streamed weights (onnx.py) and the FP8 Q/DQ pass (fp8.py). Nothing her
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,8 +64,14 @@ def _copy_tokenizer(ckpt, out: Path) -> None:
     dest = out / "tokenizer"
     if (dest / "tokenizer_config.json").is_file():
         return
-    tmp = out / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.tokenizer().save_pretrained(str(tmp))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))  # its own name: builds may run side by side
+    try:
+        ckpt.tokenizer().save_pretrained(str(tmp))
+        if not (dest / "tokenizer_config.json").is_file():  # unless another build put it there meanwhile
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+    except OSError:
+        if not (dest / "tokenizer_config.json").is_file():  # lost the rename to another build: theirs stands
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
