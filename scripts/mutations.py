@@ -3,7 +3,8 @@
 Each mutation below breaks one feature the README promises, in a way that still runs (no crash, no import
 error): the request lock made a no-op, the `sequential` memory policy planned like `resident`, tensor
 parallel / Ulysses / CFG-parallel replaced by the identity, the DiT's time table computed in fp32, FP8
-fake-quantisation made the identity, the ONNX Runtime backend silently running the eager modules.
+fake-quantisation made the identity, the engine dir's manifest lock or its merge switched off, the ONNX
+Runtime backend silently running the eager modules.
 
 For each one the tracked and untracked (not ignored) files of this checkout are copied to a temporary
 folder, the edit is applied there (never to the checkout itself), and only the test files that cover the
@@ -88,6 +89,14 @@ MUTATIONS = (
     Mutation("fp8", "FP8 fake-quantisation is the identity",
              (before("wanrt/export/fp8.py", "    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX)", "    return x\n"),),
              ("tests/test_fp8.py",)),
+    Mutation("dir_lock", "the engine dir's manifest lock is a no-op (concurrent saves interleave)",
+             (("wanrt/engine/manifest.py", "        with _dir_lock(self.root):\n",
+               "        with contextlib.nullcontext():\n"),),
+             ("tests/test_engine_layer.py", "-k", "writer")),
+    Mutation("merge", "a manifest save writes this process's view (another build's entries are dropped)",
+             (("wanrt/engine/manifest.py", "            disk = _read(self.root / NAME)\n",
+               "            disk = None\n"),),
+             ("tests/test_engine_layer.py", "-k", "writer")),
     Mutation("ort_eager", "the onnxruntime backend silently runs the eager modules",
              (("wanrt/runtime/backends.py", "        loaded = load_graphs(engine_dir, target, device, graphs)\n",
                ORT_EAGER),),
