@@ -182,6 +182,33 @@ def vae_round_trip(pipe, frames: np.ndarray) -> np.ndarray:
     return to_uint8_frames(pipe.vae_decode(pipe.vae_encode(frames_to_tensor(frames[None])))[0])
 
 
+def latent_headroom(pipe, frames: np.ndarray, steps: int = 150, lr: float = 0.02
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(the clip through the VAE, the clip decoded by the same decoder from a latent optimised to reproduce it,
+    the latent's relative change). Adam on the latent alone, mean squared error against the true frames: where
+    the second passes and the first fails, the decoder can draw the clip and the encoder is what stops it
+    (scripts/vae_headroom.py)."""
+    from wanrt.models.vae import decode_chunks
+    from wanrt.video import to_uint8_frames
+
+    from .train import frames_to_tensor
+
+    x = frames_to_tensor(frames[None])
+    with torch.no_grad():
+        z0 = pipe.vae_encode(x)
+        through = to_uint8_frames(pipe.vae_decode(z0)[0])
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = (decode_chunks(pipe.backends.vae.decode_chunk, z) - x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return through, to_uint8_frames(pipe.vae_decode(z)[0]), float((z - z0).norm() / z0.norm())
+
+
 def targets(pipe, seeds: list[int], width: int, height: int, steps: int = 20, vae_only: bool = False,
             **kwargs) -> tuple[dict[str, float], list[ClipScore]]:
     """Held-out single disks/squares, 17 frames, generated (or, vae_only, the true clip through the VAE)."""
